@@ -1,0 +1,1 @@
+"""rayllm: SFT -> reward model -> PPO on Ray with DeepSpeed model groups."""

@@ -1,0 +1,174 @@
+"""Typed pipeline configuration.
+
+Every knob a run has lives here, validated by pydantic when the pipeline is loaded, so a wrong
+value fails on the driver, with its dotted field path, before any Ray or DeepSpeed work starts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(Strict):
+    """Which weights a group loads.
+
+    `path` is any local Hugging Face model directory (real users point it at their own weights).
+    Without it, a tiny model of size `tiny` is built from config and cached by content hash.
+    """
+
+    path: str | None = None
+    tiny: Literal["tiny-1m", "tiny-8m", "tiny-30m"] = "tiny-1m"
+    tokenizer: str | None = None  # defaults to `path`, or the bundled BPE for tiny models
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _path_exists(self):
+        if self.path is not None and not (Path(self.path) / "config.json").is_file():
+            raise ValueError(f"model.path {self.path!r} is not a Hugging Face model directory (no config.json)")
+        return self
+
+
+class LoraConfig(Strict):
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class OptimizerConfig(Strict):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    scheduler: Literal["constant", "cosine", "linear"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+
+
+class PrecisionConfig(Strict):
+    """Mixed precision. fp16 uses DeepSpeed's dynamic loss scaling: an overflowing step is skipped
+    and the scale halved; `loss_scale_window` clean steps double it again."""
+
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    initial_scale_power: int = Field(16, ge=0, le=32)
+    loss_scale_window: int = Field(1000, ge=1)
+    hysteresis: int = Field(2, ge=1)
+    min_loss_scale: float = Field(1.0, gt=0)
+
+
+class GroupConfig(Strict):
+    """One model role hosted by `num_ranks` Ray actors, one DeepSpeed rank each."""
+
+    num_ranks: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    micro_batch_size: int = Field(4, ge=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    gradient_checkpointing: bool = False
+    precision: PrecisionConfig = PrecisionConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    lora: LoraConfig = LoraConfig()
+    cpus_per_rank: float = Field(1.0, gt=0)
+    gpus_per_rank: float = Field(0.0, ge=0)
+    # Name of another group whose placement-group bundles this one shares.
+    colocate_with: str | None = None
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self):
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage 3 (got {self.zero_stage})")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (got 0)")
+        return self
+
+
+class SFTDataConfig(Strict):
+    """Instruction data: `source` is a JSONL file, or "bundled:<task>" for a generated task.
+
+    A record holds either `messages_field` (a chat: list of {role, content}) or a
+    `prompt_field`/`response_field` pair; the loss covers the assistant/response tokens only.
+    """
+
+    source: str = "bundled:arithmetic"
+    num_examples: int = Field(2048, ge=1)  # for bundled tasks
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    max_length: int = Field(128, ge=8)
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _source_exists(self):
+        if not self.source.startswith("bundled:") and not Path(self.source).is_file():
+            raise ValueError(f"data.source {self.source!r} does not exist")
+        return self
+
+
+class TrainConfig(Strict):
+    global_batch_size: int = Field(32, ge=1)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    eval_every: int = Field(0, ge=0)  # steps; 0 = only at the end
+    checkpoint_every: int = Field(0, ge=0)  # steps; 0 = no mid-run DeepSpeed checkpoints
+
+
+class SFT(Strict):
+    """Supervised fine-tuning stage."""
+
+    kind: Literal["sft"] = "sft"
+    name: str = "sft"
+    model: ModelConfig = ModelConfig()
+    group: GroupConfig = GroupConfig()
+    data: SFTDataConfig = SFTDataConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _batch_divides(self):
+        g, m, n = self.train.global_batch_size, self.group.micro_batch_size, self.group.num_ranks
+        if g % (m * n):
+            raise ValueError(
+                f"train.global_batch_size ({g}) must be a multiple of group.micro_batch_size ({m}) "
+                f"x group.num_ranks ({n})"
+            )
+        return self
+
+
+Stage = Annotated[Union[SFT], Field(discriminator="kind")]
+
+
+class RayConfig(Strict):
+    address: str | None = None  # None: start a local cluster; "auto" or "ray://..." to join one
+    num_cpus: int | None = 4  # logical CPUs of a local cluster (more than cores: see FACTS)
+    object_store_memory: int | None = 512 * 1024**2
+
+
+class Pipeline(Strict):
+    """A run: a list of stages, each consuming the previous stage's checkpoint."""
+
+    name: str
+    run_dir: str | None = None  # defaults to runs/<name>
+    seed: int = 0
+    ray: RayConfig = RayConfig()
+    stages: list[Stage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self):
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        return self
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+    def stage(self, name: str):
+        return next(s for s in self.stages if s.name == name)

@@ -1,0 +1,1 @@
+"""Tokenized datasets: chat/instruction data with response-only loss masks, bundled tasks."""

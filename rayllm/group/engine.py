@@ -1,0 +1,301 @@
+"""One DeepSpeed rank: its model, optimizer and the operations a ModelGroup calls on it.
+
+This module knows nothing of Ray, so the same code runs inside a Ray actor (rayllm.group.worker)
+and under torchrun (bench/train_step.py), and the two can be compared like for like.
+"""
+from __future__ import annotations
+
+import math
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from rayllm.env import apply_worker_env
+
+apply_worker_env()  # before torch/DeepSpeed pick an accelerator
+
+import deepspeed  # noqa: E402
+import psutil  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from rayllm.algorithms import sft_loss  # noqa: E402
+from rayllm.config import GroupConfig  # noqa: E402
+from rayllm.group.ds_config import bytes_per_rank, deepspeed_config  # noqa: E402
+
+
+class ModelDoesNotFit(RuntimeError):
+    """The model's states exceed a rank's memory in the given configuration."""
+
+
+def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int, local_rank: int,
+                       local_size: int, timeout_s: float = 300.0) -> None:
+    """Join (or re-join) the group. Re-runnable: an existing group is torn down first, so a
+    later elastic resize can call this again with a new world size and master."""
+    on_gpu = torch.cuda.is_available()
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
+        LOCAL_RANK=str(0 if on_gpu else local_rank), LOCAL_SIZE=str(local_size),
+    )
+    if dist.is_initialized():
+        dist.destroy_process_group()
+        import deepspeed.comm.comm as ds_comm
+
+        ds_comm.cdb = None
+    if on_gpu:
+        torch.cuda.set_device(0)  # Ray shows each rank only its own GPU
+    deepspeed.init_distributed(
+        dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False, rank=rank, world_size=world_size,
+        init_method=f"tcp://{master_addr}:{master_port}", timeout=timedelta(seconds=timeout_s),
+    )
+
+
+def _lr_lambda(opt_cfg, total_steps: int):
+    def f(step: int) -> float:
+        if step < opt_cfg.warmup_steps:
+            return (step + 1) / (opt_cfg.warmup_steps + 1)
+        if opt_cfg.scheduler == "constant":
+            return 1.0
+        frac = min(1.0, (step - opt_cfg.warmup_steps) / max(1, total_steps - opt_cfg.warmup_steps))
+        lo = opt_cfg.min_lr_ratio
+        if opt_cfg.scheduler == "linear":
+            return 1.0 - (1.0 - lo) * frac
+        return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return f
+
+
+def _allow_cpu_fp16() -> None:
+    """DeepSpeed's CPU accelerator refuses fp16 unless oneDNN has native fp16 kernels, although
+    torch computes fp16 on any CPU (slowly). Let it through, so fp16 with dynamic loss scaling
+    runs DeepSpeed's real fp16 path on CPU too; on GPU nothing changes."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu" and not acc.is_fp16_supported():
+        type(acc).is_fp16_supported = lambda self: True
+        type(acc).supported_dtypes = lambda self: [torch.float, torch.bfloat16, torch.float16]
+
+
+class RankEngine:
+    """A model wrapped by deepspeed.initialize, with rayllm's step semantics:
+
+    - `train_step` takes this rank's micro-batches and the token count of the *global* batch,
+      so the loss is a global token mean whatever the world size or micro-batch split;
+    - forward-only methods (`logprobs`, `eval_loss`) run under no_grad and work for frozen
+      groups, whose DeepSpeed engine has no optimizer.
+    """
+
+    def __init__(self, name: str, model_path: str, kind: str, cfg: GroupConfig, trainable: bool,
+                 total_steps: int = 1000):
+        self.name, self.kind, self.cfg, self.trainable = name, kind, cfg, trainable
+        self.model_path = str(model_path)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.on_gpu = torch.cuda.is_available()
+        self.device = torch.device("cuda", 0) if self.on_gpu else torch.device("cpu")
+        if not trainable and cfg.zero_stage in (1, 2):
+            raise ValueError(f"group {name!r}: a frozen model needs zero_stage 0 or 3 (got {cfg.zero_stage})")
+        if cfg.precision.dtype == "fp16":
+            _allow_cpu_fp16()
+        self._check_fits()
+        self.model = self._build_model()
+        self.ds_config = deepspeed_config(cfg, self.world_size, trainable, self.on_gpu)
+        optimizer = scheduler = None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if trainable:
+            optimizer = self._optimizer(params)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.optimizer, total_steps))
+        self.engine, *_ = deepspeed.initialize(
+            model=self.model, model_parameters=params if trainable else None, optimizer=optimizer,
+            lr_scheduler=scheduler, config=self.ds_config,
+        )
+        self.step_count = 0
+
+    # ---- construction -------------------------------------------------------------------------
+    def _check_fits(self) -> None:
+        from rayllm.models import count_parameters
+
+        n = count_parameters(self.model_path, self.kind)
+        need = bytes_per_rank(n, self.cfg, self.world_size, self.trainable)
+        local_size = int(os.environ.get("LOCAL_SIZE", "1"))
+        host_avail = psutil.virtual_memory().available / max(1, local_size)
+        if self.on_gpu:
+            dev_avail = torch.cuda.mem_get_info()[0]
+            checks = [("GPU", need["device"], dev_avail), ("host", need["host"], host_avail)]
+        else:
+            checks = [("host", need["device"] + need["host"], host_avail)]
+        for where, b, avail in checks:
+            if b > 0.9 * avail:
+                c = self.cfg
+                raise ModelDoesNotFit(
+                    f"group {self.name!r}: {n / 1e6:.1f}M parameters need ~{b / 2**30:.2f} GiB of {where} memory "
+                    f"per rank for model states alone with zero_stage={c.zero_stage}, dtype={c.precision.dtype}, "
+                    f"offload_optimizer={c.offload_optimizer}, offload_params={c.offload_params} on "
+                    f"{self.world_size} rank(s); rank {self.rank} has {avail / 2**30:.2f} GiB. Raise zero_stage, "
+                    "add ranks, enable offload, or use a smaller model."
+                )
+
+    def _build_model(self):
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        cls = AutoModelForCausalLM if self.kind == "causal_lm" else AutoModelForSequenceClassification
+        model = cls.from_pretrained(self.model_path, dtype=torch.float32, local_files_only=True)
+        if self.cfg.gradient_checkpointing and self.trainable:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if self.cfg.lora.enabled:
+            from peft import LoraConfig, TaskType, get_peft_model
+
+            lc = self.cfg.lora
+            task = TaskType.CAUSAL_LM if self.kind == "causal_lm" else TaskType.SEQ_CLS
+            model = get_peft_model(model, LoraConfig(
+                task_type=task, r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                target_modules=lc.target_modules,
+            ))
+            if self.cfg.gradient_checkpointing:
+                model.enable_input_require_grads()
+        if not self.trainable:
+            model.requires_grad_(False)
+        return model
+
+    def _optimizer(self, params):
+        o = self.cfg.optimizer
+        kw = dict(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        if self.cfg.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(params, adamw_mode=True, **kw)
+        if self.on_gpu:
+            from deepspeed.ops.adam import FusedAdam
+
+            return FusedAdam(params, adam_w_mode=True, **kw)
+        return torch.optim.AdamW(params, **kw)
+
+    # ---- compute ------------------------------------------------------------------------------
+    def _to_device(self, batch: dict) -> dict:
+        return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def _logits(self, mb: dict) -> torch.Tensor:
+        return self.engine(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False).logits
+
+    def train_step(self, micro_batches: list[dict], global_tokens: int, loss: str = "sft") -> dict[str, Any]:
+        """One optimizer step over this rank's micro-batches.
+
+        DeepSpeed averages gradients over ranks (divides by world size), so each micro-batch's
+        summed loss is scaled by world_size / global_tokens: the update is then exactly that of
+        the mean loss over every target token of the global batch.
+        """
+        if not self.trainable:
+            raise RuntimeError(f"group {self.name!r} is frozen and cannot train")
+        self.engine.train()
+        loss_sum, tokens = 0.0, 0
+        scale = self.world_size / max(1, global_tokens)
+        for mb in micro_batches:
+            mb = self._to_device(mb)
+            if loss != "sft":
+                raise ValueError(f"unknown loss {loss!r}")
+            s, n = sft_loss(self._logits(mb), mb["input_ids"], mb["loss_mask"])
+            self.engine.backward(s * scale, scale_wrt_gas=False)
+            loss_sum, tokens = loss_sum + s.item(), tokens + n
+        self.engine.step()
+        self.step_count += 1
+        overflow = bool(getattr(self.engine.optimizer, "overflow", False))
+        grad_norm = self.engine.get_global_grad_norm()
+        out = {
+            "loss_sum": loss_sum, "tokens": tokens, "skipped": overflow,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": self.engine.get_lr()[0],
+        }
+        if self.cfg.precision.dtype == "fp16":
+            out["loss_scale"] = float(self.engine.optimizer.cur_scale if hasattr(self.engine.optimizer, "cur_scale")
+                                      else self.engine.optimizer.loss_scale)
+        return out
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: list[dict]) -> dict[str, float]:
+        self.engine.eval()
+        loss_sum, tokens = 0.0, 0
+        for mb in micro_batches:
+            mb = self._to_device(mb)
+            s, n = sft_loss(self._logits(mb), mb["input_ids"], mb["loss_mask"])
+            loss_sum, tokens = loss_sum + s.item(), tokens + n
+        return {"loss_sum": loss_sum, "tokens": tokens}
+
+    @torch.no_grad()
+    def logprobs(self, micro_batches: list[dict]) -> list[torch.Tensor]:
+        """Per-token log-probs of each next token, [B, T-1] per micro-batch, on CPU."""
+        from rayllm.algorithms import token_logprobs
+
+        self.engine.eval()
+        out = []
+        for mb in micro_batches:
+            mb = self._to_device(mb)
+            out.append(token_logprobs(self._logits(mb)[:, :-1], mb["input_ids"][:, 1:]).cpu())
+        return out
+
+    # ---- state --------------------------------------------------------------------------------
+    def _base_model(self):
+        m = self.engine.module
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    def full_state_dict(self, adapter_only: bool = False) -> dict[str, torch.Tensor] | None:
+        """The whole state dict gathered from every rank (ZeRO-3 shards included) onto rank 0,
+        one parameter at a time so peak memory stays one tensor above the shard. Every rank
+        must call it; ranks other than 0 get None."""
+        module = self.engine.module
+        out: dict[str, torch.Tensor] = {}
+        for name, p in module.named_parameters():
+            if adapter_only and "lora_" not in name:
+                continue
+            if hasattr(p, "ds_id"):
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    if self.rank == 0:
+                        out[name] = p.detach().to("cpu", torch.float32).clone()
+            elif self.rank == 0:
+                out[name] = p.detach().to("cpu", torch.float32).clone()
+        if not adapter_only and self.rank == 0:
+            for name, b in module.named_buffers():
+                out[name] = b.detach().cpu().clone()
+        return out if self.rank == 0 else None
+
+    def save_hf(self, path: str) -> None:
+        """Hugging Face format: the full model, or only the adapter when LoRA is on. Rank 0
+        writes into a temporary sibling that replaces `path` in one rename."""
+        from rayllm.io import atomic_dir
+        from rayllm.models import load_tokenizer
+
+        lora = self.cfg.lora.enabled
+        sd = self.full_state_dict(adapter_only=lora)
+        if self.rank == 0:
+            with atomic_dir(path) as tmp:
+                module = self.engine.module
+                if lora:
+                    from peft.utils import get_peft_model_state_dict
+
+                    module.save_pretrained(tmp, state_dict=get_peft_model_state_dict(module, state_dict=sd))
+                else:
+                    # The engine may have cast the module to bf16/fp16; save fp32 weights.
+                    module.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+                load_tokenizer(self.model_path).save_pretrained(tmp)
+        dist.barrier()
+
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
+
+    def load_checkpoint(self, directory: str, tag: str) -> dict:
+        path, client_state = self.engine.load_checkpoint(directory, tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"group {self.name!r}: no DeepSpeed checkpoint {tag!r} in {directory}")
+        self.step_count = client_state.get("step", self.step_count)
+        return client_state
+
+    def param_stats(self) -> dict[str, int]:
+        """Parameters this rank holds against the model's total (ZeRO-3 partitions them)."""
+        local = full = trainable_full = 0
+        for p in self.engine.module.parameters():
+            n = getattr(p, "ds_numel", p.numel())
+            full += n
+            local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+            trainable_full += n if p.requires_grad else 0
+        return {"local": local, "full": full, "trainable": trainable_full, "rank": self.rank}

@@ -1,0 +1,178 @@
+"""ModelGroup: one model role (policy, reference, reward, critic) hosted by N Ray actors, one
+DeepSpeed rank each, placed with a Ray placement group that other groups may share."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rayllm.config import GroupConfig
+from rayllm.env import worker_env
+from rayllm.group import batching
+from rayllm.group.worker import ModelWorker
+from rayllm.io import write_text_atomic
+
+
+@dataclass
+class Placement:
+    """Bundles ranks are placed on. Groups colocated on one Placement each take `share` of every
+    bundle, so e.g. a policy and its reference model sit on the same devices."""
+
+    pg: PlacementGroup
+    cpus: float
+    gpus: float
+    share: float = 1.0
+
+    @classmethod
+    def create(cls, num_bundles: int, cpus: float, gpus: float = 0.0, share: float = 1.0,
+               strategy: str = "PACK", timeout_s: float = 120.0) -> "Placement":
+        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        pg = placement_group([dict(bundle) for _ in range(num_bundles)], strategy=strategy)
+        if not pg.wait(timeout_s):
+            remove_placement_group(pg)
+            raise RuntimeError(
+                f"placement group of {num_bundles} x {bundle} not schedulable within {timeout_s:.0f} s; "
+                f"cluster has {ray.cluster_resources()}"
+            )
+        return cls(pg, cpus, gpus, share)
+
+    @property
+    def num_bundles(self) -> int:
+        return len(self.pg.bundle_specs)
+
+
+def gather(refs: list, timeout_s: float | None = None) -> list:
+    """ray.get that fails as soon as any rank fails, instead of waiting on peers that may now
+    hang in a collective with the dead rank."""
+    pending, deadline = list(refs), (time.time() + timeout_s) if timeout_s else None
+    while pending:
+        left = None if deadline is None else max(0.0, deadline - time.time())
+        done, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if not done:
+            raise TimeoutError(f"{len(pending)} rank(s) did not answer within {timeout_s} s")
+        ray.get(done)
+    return ray.get(refs)
+
+
+class ModelGroup:
+    def __init__(self, name: str, cfg: GroupConfig, model_path: str | Path, kind: str = "causal_lm",
+                 trainable: bool = True, total_steps: int = 1000, placement: Placement | None = None,
+                 pad_id: int = 0, setup_timeout_s: float = 600.0):
+        self.name, self.cfg, self.kind, self.pad_id = name, cfg, kind, pad_id
+        self.model_path = str(model_path)
+        self._own_placement = placement is None
+        self.placement = placement or Placement.create(cfg.num_ranks, cfg.cpus_per_rank, cfg.gpus_per_rank)
+        if self.placement.num_bundles < cfg.num_ranks:
+            raise ValueError(f"group {name!r}: {cfg.num_ranks} ranks but only {self.placement.num_bundles} bundles")
+        p = self.placement
+        self.workers = [
+            ModelWorker.options(
+                num_cpus=p.cpus * p.share, num_gpus=p.gpus * p.share, name=None,
+                runtime_env={"env_vars": worker_env()},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(p.pg, placement_group_bundle_index=i),
+            ).remote()
+            for i in range(cfg.num_ranks)
+        ]
+        try:
+            self._setup(trainable, total_steps, setup_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _setup(self, trainable: bool, total_steps: int, timeout_s: float) -> None:
+        nodes = gather([w.node.remote() for w in self.workers], timeout_s)
+        per_node, seen = Counter(n for n, _ in nodes), Counter()
+        local = []
+        for node_id, _ in nodes:
+            local.append((seen[node_id], per_node[node_id]))
+            seen[node_id] += 1
+        master = (nodes[0][1], ray.get(self.workers[0].free_port.remote()))
+        cfg_json = self.cfg.model_dump_json()
+        gather([
+            w.setup.remote(r, len(self.workers), master, local[r], self.name, self.model_path, self.kind,
+                           cfg_json, trainable, total_steps)
+            for r, w in enumerate(self.workers)
+        ], timeout_s)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.workers)
+
+    def _all(self, method: str, per_rank_args: list[tuple] | None = None, **kwargs) -> list:
+        args = per_rank_args or [()] * self.world_size
+        return gather([w.call.remote(method, *a, **kwargs) for w, a in zip(self.workers, args)])
+
+    # ---- compute ------------------------------------------------------------------------------
+    def train_step(self, rows: list[dict], loss: str = "sft") -> dict:
+        """One optimizer step on a global batch of rows (token lists with loss masks)."""
+        shards = batching.plan(rows, self.world_size, self.cfg.micro_batch_size, self.pad_id)
+        tokens = batching.count_loss_tokens(rows)
+        res = self._all("train_step", [(s, tokens) for s in shards], loss=loss)
+        out = {
+            "loss": sum(r["loss_sum"] for r in res) / max(1, tokens),
+            "tokens": tokens,
+            "grad_norm": res[0]["grad_norm"],
+            "lr": res[0]["lr"],
+            "skipped": any(r["skipped"] for r in res),
+        }
+        if "loss_scale" in res[0]:
+            out["loss_scale"] = res[0]["loss_scale"]
+        return out
+
+    def eval_loss(self, rows: list[dict]) -> float:
+        shards = batching.plan(rows, self.world_size, self.cfg.micro_batch_size, self.pad_id)
+        res = self._all("eval_loss", [(s,) for s in shards])
+        return sum(r["loss_sum"] for r in res) / max(1, sum(r["tokens"] for r in res))
+
+    def logprobs(self, rows: list[dict]) -> list:
+        """Per-row next-token log-probs (length len(input_ids) - 1), in the order given."""
+        m = self.cfg.micro_batch_size
+        shards = batching.plan(rows, self.world_size, m, self.pad_id)
+        res = self._all("logprobs", [(s,) for s in shards])
+        flat = [row for rank_out, shard in zip(res, shards) for t, mb in zip(rank_out, shard)
+                if not mb.get("filler") for row in t]
+        return [flat[i][: len(r["input_ids"]) - 1] for i, r in enumerate(rows)]
+
+    # ---- state --------------------------------------------------------------------------------
+    def save_hf(self, path: str | Path) -> Path:
+        self._all("save_hf", [(str(path),)] * self.world_size)
+        return Path(path)
+
+    def save_checkpoint(self, directory: str | Path, step: int, client_state: dict | None = None) -> str:
+        """DeepSpeed checkpoint of every rank. `latest` is written only after all ranks finished,
+        so a crash mid-save leaves the previous checkpoint as the one resumed from."""
+        tag = f"step{step}"
+        state = {**(client_state or {}), "step": step}
+        self._all("save_checkpoint", [(str(directory), tag, state)] * self.world_size)
+        write_text_atomic(Path(directory) / "latest", tag)
+        return tag
+
+    def load_checkpoint(self, directory: str | Path) -> dict | None:
+        latest = Path(directory) / "latest"
+        if not latest.is_file():
+            return None
+        tag = latest.read_text().strip()
+        return self._all("load_checkpoint", [(str(directory), tag)] * self.world_size)[0]
+
+    def full_state_dict(self, adapter_only: bool = False) -> dict:
+        return self._all("full_state_dict", adapter_only=adapter_only)[0]
+
+    def param_stats(self) -> list[dict]:
+        return self._all("param_stats")
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        self.workers = []
+        if self._own_placement:
+            remove_placement_group(self.placement.pg)
+
+
+def total_steps(num_rows: int, global_batch: int, epochs: int, max_steps: int | None) -> int:
+    steps = (num_rows // global_batch) * epochs
+    return min(steps, max_steps) if max_steps else steps

@@ -1,0 +1,36 @@
+"""The Ray actor that hosts one rank of a ModelGroup: a thin shell around RankEngine."""
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import ray
+
+from rayllm.env import apply_worker_env
+
+
+@ray.remote
+class ModelWorker:
+    def __init__(self) -> None:
+        apply_worker_env()
+        self.engine = None
+
+    def node(self) -> tuple[str, str]:
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+    def free_port(self) -> int:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def setup(self, rank: int, world_size: int, master: tuple[str, int], local: tuple[int, int],
+              name: str, model_path: str, kind: str, cfg_json: str, trainable: bool, total_steps: int) -> None:
+        from rayllm.config import GroupConfig
+        from rayllm.group.engine import RankEngine, init_process_group
+
+        init_process_group(rank, world_size, master[0], master[1], local[0], local[1])
+        cfg = GroupConfig.model_validate_json(cfg_json)
+        self.engine = RankEngine(name, model_path, kind, cfg, trainable, total_steps)
+
+    def call(self, method: str, *args, **kwargs) -> Any:
+        return getattr(self.engine, method)(*args, **kwargs)

