@@ -1,1 +1,26 @@
-"""rayllm: SFT -> reward model -> PPO on Ray with DeepSpeed model groups."""
+"""rayllm: SFT -> reward model -> PPO on Ray, each model role a sharded DeepSpeed group."""
+from rayllm.config import (
+    SFT,
+    GroupConfig,
+    LoraConfig,
+    ModelConfig,
+    OptimizerConfig,
+    Pipeline,
+    PrecisionConfig,
+    RayConfig,
+    SFTDataConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "SFT",
+    "GroupConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "Pipeline",
+    "PrecisionConfig",
+    "RayConfig",
+    "SFTDataConfig",
+    "TrainConfig",
+]

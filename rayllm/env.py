@@ -40,6 +40,8 @@ def worker_env() -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "TORCH_EXTENSIONS_DIR": str(cache_dir() / "torch_extensions"),
         "OMP_NUM_THREADS": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
     }
     if not _nvidia_present():
         env["DS_ACCELERATOR"] = "cpu"

@@ -198,10 +198,15 @@ class RankEngine:
             s, n = sft_loss(self._logits(mb), mb["input_ids"], mb["loss_mask"])
             self.engine.backward(s * scale, scale_wrt_gas=False)
             loss_sum, tokens = loss_sum + s.item(), tokens + n
+        grad_norm = None
+        if self.cfg.zero_stage == 0 and self.cfg.precision.dtype == "fp32":
+            # DeepSpeed records the norm only on its ZeRO/mixed-precision paths.
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.engine.module.parameters()
+                                                       if p.grad is not None]).item()
         self.engine.step()
         self.step_count += 1
         overflow = bool(getattr(self.engine.optimizer, "overflow", False))
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
         out = {
             "loss_sum": loss_sum, "tokens": tokens, "skipped": overflow,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -255,8 +260,10 @@ class RankEngine:
             elif self.rank == 0:
                 out[name] = p.detach().to("cpu", torch.float32).clone()
         if not adapter_only and self.rank == 0:
+            persistent = module.state_dict().keys()
             for name, b in module.named_buffers():
-                out[name] = b.detach().cpu().clone()
+                if name in persistent:
+                    out[name] = b.detach().cpu().clone()
         return out if self.rank == 0 else None
 
     def save_hf(self, path: str) -> None:

@@ -1,0 +1,59 @@
+"""Plots and a short Markdown report of a run, from its metrics.jsonl and summary."""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from rayllm.io import write_text_atomic
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(records: list[dict], out_dir: Path) -> list[Path]:
+    """One PNG per (stage, metric) series with at least two points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
+    for r in records:
+        for k, v in r.items():
+            if k not in ("step", "epoch", "stage") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                series[(r.get("stage", "run"), k)].append((r["step"], v))
+    paths = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for (stage, key), pts in sorted(series.items()):
+        if len(pts) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="." if len(pts) < 50 else None)
+        ax.set(title=f"{stage}: {key}", xlabel="step", ylabel=key)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        p = out_dir / f"{stage}_{key}.png"
+        tmp = p.with_name(f".{p.name}.tmp.png")
+        fig.savefig(tmp, dpi=90)
+        plt.close(fig)
+        tmp.replace(p)
+        paths.append(p)
+    return paths
+
+
+def write_report(run_dir: Path, summary: dict) -> Path:
+    plots = plot_metrics(read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots")
+    lines = [f"# rayllm run `{summary.get('pipeline', run_dir.name)}`", ""]
+    for st in summary.get("stages", []):
+        lines.append(f"## {st['stage']}")
+        lines += [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in st.items() if k != "stage"]
+        lines.append("")
+    lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
+    path = run_dir / "report.md"
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path

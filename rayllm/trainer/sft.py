@@ -1,0 +1,91 @@
+"""SFT stage: train a causal LM on a ModelGroup, evaluate on a held-out split, write an HF model.
+
+Resumable: with `train.checkpoint_every` set, DeepSpeed checkpoints land in
+<stage dir>/checkpoints, and a rerun continues after the last one at the same step and data
+position (the data order of each epoch is a pure function of the seed).
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from rayllm.config import SFT
+from rayllm.datasets.sft import load_records, split, tokenized_rows
+from rayllm.group import ModelGroup
+from rayllm.group.model_group import total_steps
+from rayllm.io import append_jsonl
+from rayllm.models import load_tokenizer, resolve_model
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def run_sft(stage: SFT, out_dir: Path, seed: int = 0, metrics_path: Path | None = None,
+            progress: bool = True) -> dict:
+    """Returns the stage summary; the trained model is at <out_dir>/model."""
+    t_start = time.time()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = metrics_path or out_dir / "metrics.jsonl"
+    model_path, tok_path = resolve_model(stage.model)
+    tok = load_tokenizer(tok_path)
+
+    records = load_records(stage.data, seed)
+    rows, dropped = tokenized_rows(records, tok_path, stage.data)
+    train, held = split(rows, stage.data.eval_fraction, seed)
+    G = stage.train.global_batch_size
+    if len(train) < G:
+        raise ValueError(f"{stage.name}: {len(train)} training rows, fewer than train.global_batch_size={G}")
+    steps_per_epoch = len(train) // G
+    n_steps = total_steps(len(train), G, stage.train.epochs, stage.train.max_steps)
+
+    group = ModelGroup(f"{stage.name}/policy", stage.group, model_path, "causal_lm", trainable=True,
+                       total_steps=n_steps, pad_id=tok.pad_token_id)
+    try:
+        ckpt_dir = out_dir / "checkpoints"
+        state = group.load_checkpoint(ckpt_dir) or {"step": 0}
+        step = state["step"]
+        log = lambda rec: append_jsonl(metrics_path, {"stage": stage.name, **rec})  # noqa: E731
+        initial_eval = group.eval_loss(held)
+        if step == 0:
+            log({"step": 0, "eval_loss": initial_eval})
+        bar = tqdm(total=n_steps, initial=step, desc=f"{stage.name}", disable=not progress, unit="step")
+        while step < n_steps:
+            epoch, k = divmod(step, steps_per_epoch)
+            order = epoch_order(len(train), seed, epoch)
+            batch = [train[i] for i in order[k * G: (k + 1) * G]]
+            t = time.time()
+            m = group.train_step(batch)
+            step += 1
+            rec = {"step": step, "epoch": epoch, "step_time_s": time.time() - t, **m}
+            if stage.train.eval_every and step % stage.train.eval_every == 0 and step < n_steps:
+                rec["eval_loss"] = group.eval_loss(held)
+            log(rec)
+            bar.set_postfix(loss=f"{m['loss']:.3f}")
+            bar.update(1)
+            if stage.train.checkpoint_every and step % stage.train.checkpoint_every == 0:
+                group.save_checkpoint(ckpt_dir, step)
+        bar.close()
+        final_eval = group.eval_loss(held)
+        log({"step": step, "eval_loss": final_eval})
+        group.save_hf(out_dir / "model")
+    finally:
+        group.shutdown()
+    return {
+        "stage": stage.name,
+        "model": str(out_dir / "model"),
+        "steps": n_steps,
+        "train_rows": len(train),
+        "eval_rows": len(held),
+        "dropped_rows": dropped,
+        "eval_loss_initial": initial_eval,
+        "eval_loss_final": final_eval,
+        "num_ranks": stage.group.num_ranks,
+        "zero_stage": stage.group.zero_stage,
+        "wall_time_s": time.time() - t_start,
+    }
