@@ -54,8 +54,18 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if "=" not in p:
             raise ConfigError(f"override {p!r} is not key=value")
         k, v = p.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v) if v.strip() else ""
+        out[k.strip()] = _scalar(v)
     return out
+
+
+def _scalar(text: str) -> Any:
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _raw_from_file(path: Path) -> dict:

@@ -1,0 +1,97 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rayllm import SFT, GroupConfig, Pipeline, TrainConfig
+from rayllm.cli import main
+from rayllm.pipeline_file import ConfigError, load_pipeline, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_validate():
+    p = Pipeline(name="x", stages=[SFT()])
+    assert p.stage("sft").group.zero_stage == 2
+    assert p.out_dir == Path("runs/x")
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("sft.group.zero_stage=5", "sft.group.zero_stage"),
+        ("sft.group.num_ranks=0", "sft.group.num_ranks"),
+        ("sft.group.precision.dtype=fp8", "sft.group.precision.dtype"),
+        ("sft.group.optimizer.lr=-1", "sft.group.optimizer.lr"),
+        ("sft.train.bogus=1", "sft.train.bogus"),
+        ("sft.model.path=/nonexistent/model", "sft.model"),
+        ("sft.data.source=/nonexistent.jsonl", "sft.data"),
+    ],
+)
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_pipeline(ROOT / "pipelines/sft_tiny.py", [override])
+    assert field in str(e.value)
+
+
+def test_cross_field_rules():
+    with pytest.raises(ValueError, match="offload_params needs zero_stage 3"):
+        GroupConfig(zero_stage=2, offload_params=True)
+    with pytest.raises(ValueError, match="offload_optimizer needs zero_stage"):
+        GroupConfig(zero_stage=0, offload_optimizer=True)
+    with pytest.raises(ValueError, match="multiple of group.micro_batch_size"):
+        SFT(group=GroupConfig(num_ranks=2, micro_batch_size=4), train=TrainConfig(global_batch_size=12))
+    with pytest.raises(ValueError, match="unique"):
+        Pipeline(name="x", stages=[SFT(), SFT()])
+
+
+def test_overrides_are_typed_and_address_stages_by_name():
+    assert parse_overrides(["a=3", "b=true", "c=1e-4", "d=[q_proj, v_proj]", "e=abc"]) == {
+        "a": 3, "b": True, "c": 1e-4, "d": ["q_proj", "v_proj"], "e": "abc"}
+    p = load_pipeline(ROOT / "pipelines/sft_tiny.py",
+                      ["sft.group.zero_stage=3", "run_dir=/tmp/r", "ray.num_cpus=8",
+                       "sft.group.lora.target_modules=[q_proj]"])
+    s = p.stage("sft")
+    assert (s.group.zero_stage, p.run_dir, p.ray.num_cpus, s.group.lora.target_modules) == (3, "/tmp/r", 8, ["q_proj"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_pipeline(ROOT / "pipelines/sft_tiny.py", ["sft.group.zero_stage"])
+
+
+def test_yaml_round_trip(tmp_path):
+    import yaml
+
+    p = load_pipeline(ROOT / "pipelines/sft_tiny.py")
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump(p.model_dump(mode="json")))
+    assert load_pipeline(f) == p
+    f.write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_pipeline(f)
+    f.write_text("name: x\nstages: []\n")
+    with pytest.raises(ConfigError, match="stages"):
+        load_pipeline(f)
+
+
+def test_python_file_without_pipeline(tmp_path):
+    f = tmp_path / "p.py"
+    f.write_text("X = 1\n")
+    with pytest.raises(ConfigError, match="defines no PIPELINE"):
+        load_pipeline(f)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_pipeline(tmp_path / "missing.py")
+
+
+def test_cli_rejects_bad_config_before_starting_ray(capsys):
+    assert main(["run", str(ROOT / "pipelines/sft_tiny.py"), "--set", "sft.group.zero_stage=7"]) == 2
+    err = capsys.readouterr().err
+    assert "sft.group.zero_stage" in err
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_cli_config_prints_resolved_yaml():
+    out = subprocess.run([sys.executable, "-m", "rayllm.cli", "config", str(ROOT / "pipelines/sft_tiny.py"),
+                          "--set", "sft.group.zero_stage=1"], capture_output=True, text=True, check=True).stdout
+    assert "zero_stage: 1" in out
