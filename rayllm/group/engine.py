@@ -39,16 +39,31 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
         LOCAL_RANK=str(0 if on_gpu else local_rank), LOCAL_SIZE=str(local_size),
     )
     if dist.is_initialized():
-        dist.destroy_process_group()
-        import deepspeed.comm.comm as ds_comm
-
-        ds_comm.cdb = None
+        _forget_process_groups()
     if on_gpu:
         torch.cuda.set_device(0)  # Ray shows each rank only its own GPU
     deepspeed.init_distributed(
         dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False, rank=rank, world_size=world_size,
         init_method=f"tcp://{master_addr}:{master_port}", timeout=timedelta(seconds=timeout_s),
     )
+
+
+def _forget_process_groups() -> None:
+    """Tear down torch.distributed and every group DeepSpeed cached from it (module globals of
+    deepspeed.utils.groups and the comm backend), so the next init starts clean."""
+    import gc
+
+    import deepspeed.comm.comm as ds_comm
+    from deepspeed.utils import groups
+
+    gc.collect()  # drop engines still referencing the old groups
+    dist.destroy_process_group()
+    ds_comm.cdb = None
+    for name, value in list(vars(groups).items()):
+        if name.startswith("_") and name.isupper() and not isinstance(value, str) and not callable(value):
+            setattr(groups, name, {} if isinstance(value, dict) else None)
+    groups.mesh_device = None
+    groups.mpu = None
 
 
 def _lr_lambda(opt_cfg, total_steps: int):

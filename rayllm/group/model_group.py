@@ -78,13 +78,17 @@ class ModelGroup:
             ).remote()
             for i in range(cfg.num_ranks)
         ]
+        self._trainable, self._total_steps, self._timeout_s = trainable, total_steps, setup_timeout_s
         try:
-            self._setup(trainable, total_steps, setup_timeout_s)
+            self.setup()
         except BaseException:
             self.shutdown()
             raise
 
-    def _setup(self, trainable: bool, total_steps: int, timeout_s: float) -> None:
+    def setup(self) -> None:
+        """(Re)form the process group and build each rank's engine. Safe to call again on the
+        same actors, e.g. after a rank was replaced; state then comes from load_checkpoint."""
+        trainable, total_steps, timeout_s = self._trainable, self._total_steps, self._timeout_s
         nodes = gather([w.node.remote() for w in self.workers], timeout_s)
         per_node, seen = Counter(n for n, _ in nodes), Counter()
         local = []

@@ -28,6 +28,7 @@ class ModelWorker:
         from rayllm.config import GroupConfig
         from rayllm.group.engine import RankEngine, init_process_group
 
+        self.engine = None  # a rebuild drops the old engine before the old group goes
         init_process_group(rank, world_size, master[0], master[1], local[0], local[1])
         cfg = GroupConfig.model_validate_json(cfg_json)
         self.engine = RankEngine(name, model_path, kind, cfg, trainable, total_steps)
