@@ -106,6 +106,7 @@ def tokenized_rows(records: list[dict], tok_path: str | Path, cfg: SFTDataConfig
 
     # Records travel as JSON strings: arbitrary nesting (chats) survives Arrow unchanged, and
     # `idx` names the record in errors and restores order after the parallel map.
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the stage has its own
     items = [{"idx": i, "record": json.dumps(r)} for i, r in enumerate(records)]
     ds = ray.data.from_items(items).map_batches(
         tokenize_batch, fn_kwargs={"tok_path": str(tok_path), "cfg_json": cfg.model_dump_json()},

@@ -7,6 +7,7 @@ position (the data order of each epoch is a pure function of the seed).
 from __future__ import annotations
 
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +42,9 @@ def run_sft(stage: SFT, out_dir: Path, seed: int = 0, metrics_path: Path | None 
     G = stage.train.global_batch_size
     if len(train) < G:
         raise ValueError(f"{stage.name}: {len(train)} training rows, fewer than train.global_batch_size={G}")
+    if progress:
+        print(f"[rayllm] {stage.name}: {len(train)} training / {len(held)} held-out rows "
+              f"({dropped} dropped: no response token left after truncation)", flush=True)
     steps_per_epoch = len(train) // G
     n_steps = total_steps(len(train), G, stage.train.epochs, stage.train.max_steps)
 
@@ -54,7 +58,9 @@ def run_sft(stage: SFT, out_dir: Path, seed: int = 0, metrics_path: Path | None 
         initial_eval = group.eval_loss(held)
         if step == 0:
             log({"step": 0, "eval_loss": initial_eval})
-        bar = tqdm(total=n_steps, initial=step, desc=f"{stage.name}", disable=not progress, unit="step")
+        # In a terminal the bar redraws in place; in a log file it would write a line per step.
+        bar = tqdm(total=n_steps, initial=step, desc=f"{stage.name}", disable=not progress, unit="step",
+                   mininterval=0.2 if sys.stderr.isatty() else 15.0)
         while step < n_steps:
             epoch, k = divmod(step, steps_per_epoch)
             order = epoch_order(len(train), seed, epoch)
