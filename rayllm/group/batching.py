@@ -26,7 +26,17 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         attn[i, :n] = 1
         if "loss_mask" in r:
             loss[i, :n] = torch.as_tensor(r["loss_mask"])
-    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+    out = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+    if "position_ids" in rows[0]:
+        # Packed rows: documents are told apart by positions restarting at 0; right padding
+        # continues as one more such "document", so nothing real attends to it.
+        pos = torch.arange(T, dtype=torch.long).repeat(len(rows), 1)
+        for i, r in enumerate(rows):
+            n = len(r["position_ids"])
+            pos[i, :n] = torch.as_tensor(r["position_ids"])
+            pos[i, n:] -= n
+        out["position_ids"] = pos
+    return out
 
 
 def filler(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

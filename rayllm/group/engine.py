@@ -192,6 +192,10 @@ class RankEngine:
         return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
     def _logits(self, mb: dict) -> torch.Tensor:
+        if "position_ids" in mb:
+            # Packed rows: no attention mask, so transformers builds the per-document causal
+            # mask from the restarting position_ids (it does so only without a KV cache).
+            return self.engine(input_ids=mb["input_ids"], position_ids=mb["position_ids"], use_cache=False).logits
         return self.engine(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False).logits
 
     def train_step(self, micro_batches: list[dict], global_tokens: int, loss: str = "sft") -> dict[str, Any]:

@@ -192,3 +192,22 @@ def test_model_that_does_not_fit_names_the_configuration(tmp_path, tokenizer):
 def test_frozen_group_rejects_zero_1_and_2(tiny_path):
     with pytest.raises(ValueError, match="frozen model needs zero_stage 0 or 3"):
         ModelGroup("reference", GroupConfig(num_ranks=1, zero_stage=1), tiny_path, trainable=False)
+
+
+def test_packed_rows_give_the_loss_of_the_documents_alone(tiny_path):
+    import numpy as np
+
+    from rayllm.data.pack import pack
+
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(10, 1000, size=n) for n in rng.integers(5, 60, size=24)]
+    packed = pack(docs, 128).rows()
+    alone = [{"input_ids": d.tolist(), "loss_mask": [1] * len(d)} for d in docs]
+    g = ModelGroup("policy", GroupConfig(num_ranks=2, zero_stage=3, micro_batch_size=2), tiny_path)
+    try:
+        assert len(packed) < len(alone)
+        assert g.eval_loss(packed) == pytest.approx(g.eval_loss(alone), abs=1e-5)
+        m = g.train_step(packed)
+        assert m["tokens"] == sum(len(d) - 1 for d in docs)
+    finally:
+        g.shutdown()

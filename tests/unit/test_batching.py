@@ -28,3 +28,9 @@ def test_collate_right_pads():
     assert mb["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
     assert mb["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert mb["loss_mask"].tolist() == [[0, 1, 1], [1, 0, 0]]
+
+
+def test_collate_packed_rows_keeps_positions_and_pads_as_a_new_document():
+    mb = collate([{"input_ids": [1, 2, 3, 4], "position_ids": [0, 1, 0, 1], "loss_mask": [0, 1, 0, 1]},
+                  {"input_ids": [5, 6], "position_ids": [0, 1], "loss_mask": [0, 1]}], pad_id=0)
+    assert mb["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 0, 1]]

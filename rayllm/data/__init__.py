@@ -1,0 +1,1 @@
+"""Corpus pipeline on Ray Data: read, clean, deduplicate, decontaminate, tokenize, pack, stream."""
