@@ -8,25 +8,39 @@ travel with their tokens, and the first token of each document gets no loss: not
 in the row may predict it.
 
 The bin search keeps the distinct remaining capacities in a sorted list (at most seq_len of
-them), so each document is placed with one bisect; rows are then assembled with a single
-vectorized scatter instead of per-row concatenation.
+them), so each document is placed with one bisect; each piece is then copied once into its
+slot of a preallocated [rows, seq_len] array.
 """
 from __future__ import annotations
 
 from bisect import bisect_left, insort
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 
 @dataclass
 class Packed:
+    """Packed rows. position_ids are derived from cu_seqlens when first asked for (as TRL keeps
+    sequence lengths and derives positions in its collator): they restart at 0 per document, and
+    the padding tail of a row counts as one more document."""
+
     input_ids: np.ndarray  # [rows, seq_len] int32
-    position_ids: np.ndarray  # [rows, seq_len] int32, restart at 0 per document (and for the padding tail)
     loss_mask: np.ndarray  # [rows, seq_len] int8
     cu_seqlens: list[np.ndarray]  # per row: [0, end_1, ..., end_k] of real documents
     doc_index: list[np.ndarray]  # per row: index of the input document of each slot, in slot order
     pad_tokens: int
+
+    @cached_property
+    def position_ids(self) -> np.ndarray:
+        R, T = self.input_ids.shape
+        pos = np.empty((R, T), dtype=np.int32)
+        ar = np.arange(T, dtype=np.int32)
+        for r, cu in enumerate(self.cu_seqlens):
+            starts = np.append(cu[:-1], cu[-1]) if cu[-1] < T else cu[:-1]
+            pos[r] = ar - np.repeat(starts, np.diff(np.append(starts, T)))
+        return pos
 
     @property
     def padding_share(self) -> float:
@@ -84,52 +98,46 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 def pack(docs: list[np.ndarray], seq_len: int, loss_masks: list[np.ndarray] | None = None, overlap: int = 0,
          pad_id: int = 0) -> Packed:
     """Pack token arrays (and optional per-token loss masks) into rows of exactly seq_len."""
-    if loss_masks is None:
-        loss_masks = [np.ones(len(d), dtype=np.int8) for d in docs]
-    # 1. Split over-long documents.
-    pieces, piece_masks, piece_doc = [], [], []
-    for k, (d, m) in enumerate(zip(docs, loss_masks)):
-        if len(d) != len(m):
-            raise ValueError(f"document {k}: {len(d)} tokens but {len(m)} loss-mask values")
-        for s, e in chunk(len(d), seq_len, overlap) if len(d) else []:
-            pieces.append(np.asarray(d[s:e], dtype=np.int32))
-            piece_masks.append(np.asarray(m[s:e], dtype=np.int8))
-            piece_doc.append(k)
+    # 1. Split over-long documents into (doc, start, end) pieces.
+    pieces: list[tuple[int, int, int]] = []
+    for k, d in enumerate(docs):
+        if loss_masks is not None and len(loss_masks[k]) != len(d):
+            raise ValueError(f"document {k}: {len(d)} tokens but {len(loss_masks[k])} loss-mask values")
+        if len(d) <= seq_len:
+            if len(d):
+                pieces.append((k, 0, len(d)))
+        else:
+            pieces += [(k, s, e) for s, e in chunk(len(d), seq_len, overlap)]
     if not pieces:
         raise ValueError("nothing to pack: every document is empty")
-    lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
+    lengths = np.fromiter((e - s for _, s, e in pieces), dtype=np.int64, count=len(pieces))
     # 2. Assign pieces to rows.
     bins = best_fit_decreasing(lengths, seq_len)
-    order = np.fromiter((i for b in bins for i in b), dtype=np.int64, count=len(pieces))
-    row_of = np.repeat(np.arange(len(bins)), [len(b) for b in bins])
-    ol = lengths[order]
-    # Offset of each piece inside its row: cumulative length, restarted at each row.
-    csum = np.cumsum(ol) - ol
-    row_first = np.searchsorted(row_of, np.arange(len(bins)))
-    offset_in_row = csum - csum[row_first][row_of]
-    # 3. One scatter of all tokens into the [rows, seq_len] arrays.
-    total = int(ol.sum())
-    flat_tokens = np.concatenate([pieces[i] for i in order])
-    flat_masks = np.concatenate([piece_masks[i] for i in order])
-    within = np.arange(total) - np.repeat(csum, ol)
-    dest = np.repeat(row_of * seq_len + offset_in_row, ol) + within
+    # 3. Copy each piece into its slot (one slice assignment per piece; no per-token index math).
     R = len(bins)
-    ids = np.full(R * seq_len, pad_id, dtype=np.int32)
-    mask = np.zeros(R * seq_len, dtype=np.int8)
-    ids[dest], mask[dest] = flat_tokens, flat_masks
-    mask[dest[within == 0]] = 0  # a document's first token has no predictor in the row
-    # Positions: within-document index; the padding tail of a row counts as one more document.
-    pos = np.arange(R * seq_len, dtype=np.int64) % seq_len
-    used = np.bincount(row_of, weights=ol, minlength=R).astype(np.int64)
-    pos_real = np.zeros(R * seq_len, dtype=bool)
-    pos_real[dest] = True
-    pos = pos - np.repeat(used, seq_len) * ~pos_real  # padding: 0, 1, 2, ... after the last document
-    pos[dest] = within
-    ends = offset_in_row + ol
+    # np.empty, not full/zeros: every element is written exactly once below, which halves the
+    # memory traffic of these (large) arrays.
+    ids = np.empty((R, seq_len), dtype=np.int32)
+    mask = np.empty((R, seq_len), dtype=np.int8)
     cu, docs_in_row = [], []
-    for r in range(R):
-        sl = slice(row_first[r], row_first[r + 1] if r + 1 < R else len(order))
-        cu.append(np.concatenate([[0], ends[sl]]).astype(np.int32))
-        docs_in_row.append(np.asarray(piece_doc)[order[sl]])
-    return Packed(ids.reshape(R, seq_len), pos.astype(np.int32).reshape(R, seq_len), mask.reshape(R, seq_len),
-                  cu, docs_in_row, int(R * seq_len - total))
+    used_total = 0
+    for r, b in enumerate(bins):
+        off, ends, row_docs = 0, [0], []
+        for i in b:
+            k, s, e = pieces[i]
+            n = e - s
+            ids[r, off:off + n] = docs[k][s:e]
+            if loss_masks is not None:
+                mask[r, off:off + n] = loss_masks[k][s:e]
+            off += n
+            ends.append(off)
+            row_docs.append(k)
+        if loss_masks is None:
+            mask[r, :off] = 1
+        mask[r, ends[:-1]] = 0  # a document's first token has no predictor in the row
+        ids[r, off:] = pad_id
+        mask[r, off:] = 0
+        cu.append(np.asarray(ends, dtype=np.int32))
+        docs_in_row.append(np.asarray(row_docs, dtype=np.int64))
+        used_total += off
+    return Packed(ids, mask, cu, docs_in_row, int(R * seq_len - used_total))
