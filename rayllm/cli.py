@@ -18,7 +18,15 @@ def main(argv: list[str] | None = None) -> int:
     show = sub.add_parser("config", help="print the validated config of a pipeline as YAML")
     show.add_argument("pipeline")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    data = sub.add_parser("data", help="corpus preparation")
+    dsub = data.add_subparsers(dest="data_cmd", required=True)
+    prep = dsub.add_parser("prepare", help="clean, deduplicate, decontaminate, tokenize and pack a corpus")
+    prep.add_argument("config", help="a YAML file of DataPrepConfig fields")
+    prep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    prep.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.cmd == "data":
+        return _data_prepare(args)
     try:
         pipe = load_pipeline(args.pipeline, args.overrides)
     except ConfigError as e:
@@ -32,6 +40,34 @@ def main(argv: list[str] | None = None) -> int:
     from rayllm.runner import run_pipeline
 
     run_pipeline(pipe, progress=not args.no_progress)
+    return 0
+
+
+def _data_prepare(args) -> int:
+    import json
+
+    from rayllm.pipeline_file import load_data_config
+
+    try:
+        cfg = load_data_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"rayllm: {e}", file=sys.stderr)
+        return 2
+    from rayllm.data.prepare import SourceError, prepare
+    from rayllm.runner import start_ray
+
+    try:
+        from rayllm.data.prepare import list_sources
+
+        list_sources(cfg.sources)  # fail on a missing source before Ray starts
+        start_ray(cfg.ray)
+        stats = prepare(cfg, progress=not args.no_progress)
+    except SourceError as e:
+        print(f"rayllm: {e}", file=sys.stderr)
+        return 2
+    brief = {k: v for k, v in stats.items() if k != "doc_length_histogram"}
+    print(json.dumps(brief, indent=2))
+    print(f"[rayllm data] wrote {cfg.output}/packed, removed.jsonl, stats.json, lengths.png")
     return 0
 
 

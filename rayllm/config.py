@@ -172,3 +172,47 @@ class Pipeline(Strict):
 
     def stage(self, name: str):
         return next(s for s in self.stages if s.name == name)
+
+
+class FieldMap(Strict):
+    text: str = "text"
+    prompt: str = "prompt"
+    response: str = "response"
+    messages: str = "messages"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    eval_text: str = "text"  # field of the evaluation-set records used for decontamination
+
+
+class MinHashSettings(Strict):
+    threshold: float = Field(0.5, gt=0, le=1)  # Jaccard of 5-word shingles: ~0.74 at 3% word edits
+    num_perm: int = Field(128, ge=16)
+    shingle_words: int = Field(5, ge=1)
+    seed: int = 1
+
+
+class DataPrepConfig(Strict):
+    """`rayllm data prepare`: corpus files -> cleaned, deduplicated, decontaminated, packed rows."""
+
+    sources: list[str] = Field(min_length=1)  # files, directories, globs, or pyarrow filesystem URIs
+    kind: Literal["text", "sft", "preference", "prompt"] = "text"
+    fields: FieldMap = FieldMap()
+    min_chars: int = Field(1, ge=0)
+    max_chars: int = Field(1_000_000, ge=1)
+    exact_dedup: bool = True
+    near_dedup: bool = True
+    minhash: MinHashSettings = MinHashSettings()
+    eval_sets: list[str] = []
+    decontam_ngram: int = Field(13, ge=1)
+    tokenizer: str | None = None  # a tokenizer directory; default: the bundled BPE
+    seq_len: int = Field(512, ge=8)
+    overlap: int = Field(0, ge=0)
+    pack_window: int = Field(4096, ge=1)  # documents packed together; larger = less padding
+    output: str = "runs/data"
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _overlap_fits(self):
+        if self.overlap >= self.seq_len:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than seq_len ({self.seq_len})")
+        return self

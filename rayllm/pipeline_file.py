@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from rayllm.config import Pipeline
+from rayllm.config import DataPrepConfig, Pipeline
 
 
 class ConfigError(ValueError):
@@ -106,3 +106,21 @@ def load_pipeline(source: str | Path | Pipeline, overrides: list[str] | dict | N
         overrides = parse_overrides(overrides)
     raw = source.model_dump(mode="json") if isinstance(source, Pipeline) else _raw_from_file(Path(source))
     return validate(raw, overrides)
+
+
+def load_data_config(path: str | Path, overrides: list[str] | None = None) -> DataPrepConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"data config {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for k, v in parse_overrides(overrides or []).items():
+        _set(raw, k, v)
+    try:
+        return DataPrepConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format(e, [])) from None

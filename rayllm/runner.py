@@ -16,11 +16,15 @@ from rayllm.io import write_json_atomic
 
 
 def ensure_ray(pipe: Pipeline) -> None:
+    start_ray(pipe.ray)
+
+
+def start_ray(c) -> None:
+    """Join `c.address`, or start a local cluster; no-op when Ray is already up."""
     import ray
 
     if ray.is_initialized():
         return
-    c = pipe.ray
     kw = {"runtime_env": {"env_vars": worker_env()}, "log_to_driver": True}
     if c.address:
         ray.init(address=c.address, **kw)

@@ -21,3 +21,61 @@ def test_distributed_near_dedup_matches_local_reference():
     got = near_duplicates(ds, cfg)
     assert got == near_duplicates_local(list(range(len(docs))), docs, cfg)
     assert sum(got.get(d) == o for d, o in truth.items()) / len(truth) >= 0.99
+
+
+def test_prepare_accounts_for_every_record_and_packs(tmp_path):
+    import json
+    import random
+    import sysconfig
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from rayllm.config import DataPrepConfig
+    from rayllm.data.prepare import prepare
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(3000)]
+    base = [" ".join(rng.choice(words) for _ in range(rng.randint(60, 150))) for _ in range(40)]
+    near = base[2].split()
+    near[7] = "edited"
+    lines = [json.dumps({"text": t}) for t in base] + [
+        json.dumps({"text": base[0]}),  # line 41: exact duplicate of line 1
+        json.dumps({"text": "  " + base[1].upper() + "  "}),  # line 42: exact after case/space folding
+        json.dumps({"text": " ".join(near)}),  # line 43: near duplicate of line 3
+        "{broken json",  # line 44
+        json.dumps({"title": "no text"}),  # line 45
+    ]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(lines) + "\n")
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"text": " ".join(base[5].split()[3:30])}) + "\n")
+    stdlib = Path(sysconfig.get_paths()["stdlib"]) / "json"
+    cfg = DataPrepConfig(sources=[str(corpus), str(stdlib / "*.py")], eval_sets=[str(tmp_path / "eval.jsonl")],
+                         seq_len=256, min_chars=20, output=str(tmp_path / "out"))
+    stats = prepare(cfg, progress=False)
+
+    n_std = len(list(stdlib.glob("*.py")))
+    assert stats["records_in"] == 45 + n_std
+    assert stats["records_in"] == (stats["kept"] + stats["exact_duplicate"] + stats["near_duplicate"]
+                                   + stats["contaminated"] + stats["quarantined"])
+    removed = {(Path(r["source"]).name, r["line"]): r for r in
+               map(json.loads, (tmp_path / "out" / "removed.jsonl").read_text().splitlines())}
+    assert removed[("corpus.jsonl", 41)]["status"] == "exact_duplicate"
+    assert removed[("corpus.jsonl", 42)]["status"] == "exact_duplicate"
+    assert removed[("corpus.jsonl", 43)]["status"] == "near_duplicate"
+    assert removed[("corpus.jsonl", 6)]["status"] == "contaminated"
+    assert removed[("corpus.jsonl", 44)]["reason"].startswith("malformed JSON")
+    assert removed[("corpus.jsonl", 45)]["reason"] == "missing field(s) ['text']"
+
+    table = pq.read_table(tmp_path / "out" / "packed").to_pydict()
+    assert len(table["input_ids"]) == stats["rows"] > 0
+    real = 0
+    for ids, pos, cu in zip(table["input_ids"], table["position_ids"], table["cu_seqlens"]):
+        pos, cu = np.asarray(pos).tolist(), np.asarray(cu).tolist()
+        assert len(ids) == len(pos) == 256 and cu[-1] <= 256
+        for a, b in zip(cu[:-1], cu[1:]):
+            assert pos[a:b] == list(range(b - a))
+        real += cu[-1]
+    assert real >= stats["tokens"]  # every kept token is in a row (chunk overlap may repeat a few)
+    assert 0 <= stats["padding_share"] < 1 and (tmp_path / "out" / "lengths.png").is_file()
+    assert np.isclose(stats["padding_share"], 1 - real / (256 * stats["rows"]))

@@ -97,3 +97,17 @@ def test_cli_config_prints_resolved_yaml():
     out = subprocess.run([sys.executable, "-m", "rayllm.cli", "config", str(ROOT / "pipelines/sft_tiny.py"),
                           "--set", "sft.group.zero_stage=1"], capture_output=True, text=True, check=True).stdout
     assert "zero_stage: 1" in out
+
+
+def test_data_prepare_cli_errors_before_starting_ray(tmp_path, capsys, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Ray started")))
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text(f"sources: [{tmp_path}/nothing/*.jsonl]\noutput: {tmp_path}/out\n")
+    assert main(["data", "prepare", str(cfg)]) == 2
+    assert "matches no readable file" in capsys.readouterr().err
+    assert main(["data", "prepare", str(cfg), "--set", "seq_len=16", "--set", "overlap=16"]) == 2
+    assert "overlap (16) must be smaller than seq_len (16)" in capsys.readouterr().err
+    assert main(["data", "prepare", str(cfg), "--set", "kind=audio"]) == 2
+    assert "kind" in capsys.readouterr().err
