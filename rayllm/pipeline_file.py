@@ -68,17 +68,21 @@ def _scalar(text: str) -> Any:
     return value
 
 
+def _read_yaml(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return raw
+
+
 def _raw_from_file(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"pipeline file {str(path)!r} does not exist")
     if path.suffix in (".yaml", ".yml"):
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        return raw
+        return _read_yaml(path)
     if path.suffix == ".py":
         spec = importlib.util.spec_from_file_location(f"rayllm_pipeline_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
@@ -112,12 +116,7 @@ def load_data_config(path: str | Path, overrides: list[str] | None = None) -> Da
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"data config {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+    raw = _read_yaml(path)
     for k, v in parse_overrides(overrides or []).items():
         _set(raw, k, v)
     try:

@@ -57,9 +57,7 @@ def dedup_text(rec: dict, kind: str) -> str:
 
 
 def _fields(cfg: DataPrepConfig) -> Fields:
-    f = cfg.fields
-    return Fields(kind=cfg.kind, text=f.text, prompt=f.prompt, response=f.response, messages=f.messages,
-                  chosen=f.chosen, rejected=f.rejected, max_chars=cfg.max_chars)
+    return Fields(**cfg.fields.model_dump(), kind=cfg.kind, max_chars=cfg.max_chars)
 
 
 def _parse(row: dict, cfg_json: str, source_index: dict[str, int]) -> list[dict]:

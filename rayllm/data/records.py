@@ -12,20 +12,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
+from rayllm.config import FieldMap
+
 Kind = Literal["text", "sft", "preference", "prompt"]
 
 
-@dataclass
-class Fields:
-    """Which source fields hold what; defaults follow common dataset layouts."""
+class Fields(FieldMap):
+    """Which source fields hold what (FieldMap), plus the record kind and size bound."""
 
     kind: Kind = "text"
-    text: str = "text"
-    prompt: str = "prompt"
-    response: str = "response"
-    messages: str = "messages"
-    chosen: str = "chosen"
-    rejected: str = "rejected"
     max_chars: int = 1_000_000
 
     def required(self, record: dict) -> list[str]:
