@@ -7,7 +7,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rayllm.group.engine import RankEngine, init_process_group  # noqa: E402
+from rayllm.group.engine import RankEngine, close_process_group, init_process_group  # noqa: E402
 
 
 def main(spec_path: str, out_path: str) -> None:
@@ -34,7 +34,8 @@ def main(spec_path: str, out_path: str) -> None:
             times.append(time.perf_counter() - t)
     if rank == 0:
         json.dump({"step_times_s": times}, open(out_path, "w"))
-    dist.destroy_process_group()
+    del eng
+    close_process_group()
 
 
 if __name__ == "__main__":

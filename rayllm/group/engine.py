@@ -23,6 +23,7 @@ import torch.distributed as dist  # noqa: E402
 from rayllm.algorithms import sft_loss  # noqa: E402
 from rayllm.config import GroupConfig  # noqa: E402
 from rayllm.group.ds_config import bytes_per_rank, deepspeed_config  # noqa: E402
+from rayllm.group.shm import release_shm  # noqa: E402
 
 
 class ModelDoesNotFit(RuntimeError):
@@ -39,13 +40,23 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
         LOCAL_RANK=str(0 if on_gpu else local_rank), LOCAL_SIZE=str(local_size),
     )
     if dist.is_initialized():
+        old = (os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""))
         _forget_process_groups()
+        release_shm(*old)
     if on_gpu:
         torch.cuda.set_device(0)  # Ray shows each rank only its own GPU
     deepspeed.init_distributed(
         dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False, rank=rank, world_size=world_size,
         init_method=f"tcp://{master_addr}:{master_port}", timeout=timedelta(seconds=timeout_s),
     )
+
+
+def close_process_group() -> None:
+    """Leave the group and free its shared memory (CPU); used when a rank shuts down."""
+    if dist.is_initialized():
+        addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+        _forget_process_groups()
+        release_shm(addr, port)
 
 
 def _forget_process_groups() -> None:

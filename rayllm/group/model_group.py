@@ -14,6 +14,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rayllm.config import GroupConfig
 from rayllm.env import worker_env
 from rayllm.group import batching
+from rayllm.group.shm import release_shm
 from rayllm.group.worker import ModelWorker
 from rayllm.io import write_text_atomic
 
@@ -79,6 +80,7 @@ class ModelGroup:
             for i in range(cfg.num_ranks)
         ]
         self._trainable, self._total_steps, self._timeout_s = trainable, total_steps, setup_timeout_s
+        self._masters: list[tuple[str, int]] = []  # every group formed, for shm cleanup
         try:
             self.setup()
         except BaseException:
@@ -96,6 +98,7 @@ class ModelGroup:
             local.append((seen[node_id], per_node[node_id]))
             seen[node_id] += 1
         master = (nodes[0][1], ray.get(self.workers[0].free_port.remote()))
+        self._masters.append(master)
         cfg_json = self.cfg.model_dump_json()
         gather([
             w.setup.remote(r, len(self.workers), master, local[r], self.name, self.model_path, self.kind,
@@ -170,9 +173,17 @@ class ModelGroup:
         return self._all("param_stats")
 
     def shutdown(self) -> None:
+        """Close every rank's process group (freeing its shared memory), then end the actors.
+        Ranks that cannot answer are killed anyway; their local shm files are removed here."""
+        try:
+            ray.get([w.close.remote() for w in self.workers], timeout=30)
+        except Exception:  # noqa: BLE001 - a dead or hung rank must not block shutdown
+            pass
         for w in self.workers:
             ray.kill(w, no_restart=True)
         self.workers = []
+        for addr, port in self._masters:
+            release_shm(addr, port)
         if self._own_placement:
             remove_placement_group(self.placement.pg)
 

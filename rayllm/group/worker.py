@@ -33,5 +33,11 @@ class ModelWorker:
         cfg = GroupConfig.model_validate_json(cfg_json)
         self.engine = RankEngine(name, model_path, kind, cfg, trainable, total_steps)
 
+    def close(self) -> None:
+        from rayllm.group.engine import close_process_group
+
+        self.engine = None
+        close_process_group()
+
     def call(self, method: str, *args, **kwargs) -> Any:
         return getattr(self.engine, method)(*args, **kwargs)

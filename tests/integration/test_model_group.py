@@ -54,7 +54,13 @@ def test_checkpoint_resume_gives_identical_next_step(tiny_path, random_rows, tmp
     g.setup()
     g.load_checkpoint(tmp_path / "ckpt")
     assert g.train_step(rows_b)["loss"] == pytest.approx(expected, abs=1e-6)
+    masters = list(g._masters)
     g.shutdown()
+    # DeepSpeed's CPU shm buffers (69 MB per rank) of both process groups are gone.
+    import glob
+
+    assert len(masters) == 2
+    assert not [f for a, p in masters for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{a}_{p}_*")]
 
 
 def test_gradient_clipping_bounds_the_update(tiny_path, random_rows):
