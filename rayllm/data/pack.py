@@ -55,15 +55,18 @@ class Packed:
 
 
 def chunk(length: int, seq_len: int, overlap: int) -> list[tuple[int, int]]:
-    """[start, end) windows of at most seq_len covering [0, length), consecutive ones sharing
-    `overlap` tokens."""
+    """[start, end) windows of at most seq_len covering [0, length); each starts `overlap` tokens
+    before the previous one ends, so with overlap 0 no token is repeated (the last window is
+    the shorter remainder)."""
     if not 0 <= overlap < seq_len:
         raise ValueError(f"overlap must be in [0, seq_len), got {overlap} for seq_len {seq_len}")
-    if length <= seq_len:
-        return [(0, length)]
-    stride = seq_len - overlap
-    starts = list(range(0, length - seq_len, stride)) + [length - seq_len]
-    return [(s, s + seq_len) for s in dict.fromkeys(starts)]
+    windows, s = [], 0
+    while True:
+        e = min(s + seq_len, length)
+        windows.append((s, e))
+        if e == length:
+            return windows
+        s = e - overlap
 
 
 def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:

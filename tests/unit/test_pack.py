@@ -11,6 +11,7 @@ def test_chunk_windows_overlap_and_cover():
     assert chunk(5, 8, 2) == [(0, 5)]
     assert chunk(20, 8, 2) == [(0, 8), (6, 14), (12, 20)]
     assert chunk(16, 8, 0) == [(0, 8), (8, 16)]
+    assert chunk(10, 8, 0) == [(0, 8), (8, 10)]  # no token repeated without overlap
     with pytest.raises(ValueError):
         chunk(10, 8, 8)
 
