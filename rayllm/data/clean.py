@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from typing import Callable
 
 _WS = re.compile(r"[ \t\r\f\v]+")
 _BLANKS = re.compile(r"\n{3,}")
@@ -34,5 +33,3 @@ def length_ok(text: str, min_chars: int, max_chars: int) -> str | None:
         return f"too long ({len(text)} > {max_chars} chars)"
     return None
 
-
-Filter = Callable[[dict], "str | None"]  # a user hook: returns a reason to drop a record, or None
