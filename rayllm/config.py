@@ -90,11 +90,57 @@ class GroupConfig(Strict):
         return self
 
 
+class FieldMap(Strict):
+    text: str = "text"
+    prompt: str = "prompt"
+    response: str = "response"
+    messages: str = "messages"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    eval_text: str = "text"  # field of the evaluation-set records used for decontamination
+
+
+class MinHashSettings(Strict):
+    threshold: float = Field(0.5, gt=0, le=1)  # Jaccard of 5-word shingles: ~0.74 at 3% word edits
+    num_perm: int = Field(128, ge=16)
+    shingle_words: int = Field(5, ge=1)
+    seed: int = 1
+
+
+class PrepSettings(Strict):
+    """What `rayllm data prepare` does to records, wherever they come from: the part of its
+    config that an SFT stage preparing its data on the fly shares."""
+
+    fields: FieldMap = FieldMap()
+    min_chars: int = Field(1, ge=0)
+    max_chars: int = Field(1_000_000, ge=1)
+    filters: list[str] = []  # "module:function" hooks, called on each record (see rayllm/data/filters.py)
+    exact_dedup: bool = True
+    near_dedup: bool = True
+    minhash: MinHashSettings = MinHashSettings()
+    eval_sets: list[str] = []
+    decontam_ngram: int = Field(13, ge=1)
+    seq_len: int = Field(512, ge=8)
+    overlap: int = Field(0, ge=0)
+    pack_window: int = Field(4096, ge=1)  # documents packed together; larger = less padding
+
+    @model_validator(mode="after")
+    def _overlap_fits(self):
+        if self.overlap >= self.seq_len:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than seq_len ({self.seq_len})")
+        return self
+
+
 class SFTDataConfig(Strict):
     """Instruction data: `source` is a JSONL file, or "bundled:<task>" for a generated task.
 
     A record holds either `messages_field` (a chat: list of {role, content}) or a
     `prompt_field`/`response_field` pair; the loss covers the assistant/response tokens only.
+
+    By default (`packing`) the training split is cleaned, deduplicated, decontaminated against
+    the held-out split and packed into rows of `prep.seq_len` tokens on the fly, and the ranks
+    read the packed rows themselves. `prepared` names a directory written by
+    `rayllm data prepare` instead; `packing: false` keeps one padded row per example.
     """
 
     source: str = "bundled:arithmetic"
@@ -102,12 +148,21 @@ class SFTDataConfig(Strict):
     prompt_field: str = "prompt"
     response_field: str = "response"
     messages_field: str = "messages"
-    max_length: int = Field(128, ge=8)
+    max_length: int = Field(128, ge=8)  # per-example truncation (unpacked rows and evaluation)
     eval_fraction: float = Field(0.1, gt=0, lt=1)
+    packing: bool = True
+    prepared: str | None = None
+    prep: PrepSettings = PrepSettings()
+    shuffle_window: int = Field(4, ge=1)  # packed row groups whose rows are shuffled together
 
     @model_validator(mode="after")
     def _source_exists(self):
-        if not self.source.startswith("bundled:") and not Path(self.source).is_file():
+        if self.prepared is not None:
+            if not self.packing:
+                raise ValueError("data.prepared is a packed dataset: it needs data.packing true")
+            if not Path(self.prepared).is_dir():
+                raise ValueError(f"data.prepared {self.prepared!r} is not a directory")
+        elif not self.source.startswith("bundled:") and not Path(self.source).is_file():
             raise ValueError(f"data.source {self.source!r} does not exist")
         return self
 
@@ -174,45 +229,12 @@ class Pipeline(Strict):
         return next(s for s in self.stages if s.name == name)
 
 
-class FieldMap(Strict):
-    text: str = "text"
-    prompt: str = "prompt"
-    response: str = "response"
-    messages: str = "messages"
-    chosen: str = "chosen"
-    rejected: str = "rejected"
-    eval_text: str = "text"  # field of the evaluation-set records used for decontamination
-
-
-class MinHashSettings(Strict):
-    threshold: float = Field(0.5, gt=0, le=1)  # Jaccard of 5-word shingles: ~0.74 at 3% word edits
-    num_perm: int = Field(128, ge=16)
-    shingle_words: int = Field(5, ge=1)
-    seed: int = 1
-
-
-class DataPrepConfig(Strict):
+class DataPrepConfig(PrepSettings):
     """`rayllm data prepare`: corpus files -> cleaned, deduplicated, decontaminated, packed rows."""
 
     sources: list[str] = Field(min_length=1)  # files, directories, globs, or pyarrow filesystem URIs
     kind: Literal["text", "sft", "preference", "prompt"] = "text"
-    fields: FieldMap = FieldMap()
-    min_chars: int = Field(1, ge=0)
-    max_chars: int = Field(1_000_000, ge=1)
-    exact_dedup: bool = True
-    near_dedup: bool = True
-    minhash: MinHashSettings = MinHashSettings()
-    eval_sets: list[str] = []
-    decontam_ngram: int = Field(13, ge=1)
     tokenizer: str | None = None  # a tokenizer directory; default: the bundled BPE
-    seq_len: int = Field(512, ge=8)
-    overlap: int = Field(0, ge=0)
-    pack_window: int = Field(4096, ge=1)  # documents packed together; larger = less padding
     output: str = "runs/data"
+    shuffle_partitions: int | None = Field(None, ge=1)  # Ray Data shuffles; None: 2 per cluster CPU
     ray: RayConfig = RayConfig()
-
-    @model_validator(mode="after")
-    def _overlap_fits(self):
-        if self.overlap >= self.seq_len:
-            raise ValueError(f"overlap ({self.overlap}) must be smaller than seq_len ({self.seq_len})")
-        return self

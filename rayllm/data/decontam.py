@@ -28,8 +28,13 @@ class EvalIndex:
                 self.owner.setdefault(h, name)
 
     def match(self, text: str) -> str | None:
-        """Name of an evaluation text this document overlaps, or None."""
-        for h in ngram_hashes(text, self.n):
+        """Name of an evaluation text this document overlaps, or None. A document shorter than
+        n words matches only an evaluation text that is, word for word, the same."""
+        grams = ngram_hashes(text, self.n)
+        if not grams:
+            words = _WORD.findall(text.lower())
+            grams = {xxhash.xxh64_intdigest(" ".join(words).encode())} if words else set()
+        for h in grams:
             if h in self.owner:
                 return self.owner[h]
         return None

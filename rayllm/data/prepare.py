@@ -17,6 +17,7 @@ import numpy as np
 from rayllm.config import DataPrepConfig
 from rayllm.data.clean import content_hash, length_ok, normalize
 from rayllm.data.decontam import EvalIndex
+from rayllm.data.filters import apply_filters, load_filter
 from rayllm.data.minhash import MinHashConfig, near_duplicates
 from rayllm.data.records import Fields, parse_file
 from rayllm.io import write_json_atomic
@@ -74,7 +75,7 @@ def _parse(row: dict, cfg_json: str, source_index: dict[str, int]) -> list[dict]
         if cfg.kind == "text":
             rec["text"] = normalize(rec["text"])
         text = normalize(dedup_text(rec, cfg.kind))
-        reason = length_ok(text, cfg.min_chars, cfg.max_chars)
+        reason = length_ok(text, cfg.min_chars, cfg.max_chars) or apply_filters(cfg.filters, text, rec)
         out.append({"id": base + r["_line"], "source": source, "line": r["_line"],
                     "status": "quarantined" if reason else "kept", "reason": reason or "",
                     "record": json.dumps(rec), "text": text, "hash": content_hash(text)})
@@ -94,14 +95,20 @@ def _mark_exact(group: dict) -> dict:
 
 def prepare(cfg: DataPrepConfig, progress: bool = True) -> dict:
     import ray
+    from ray.data.expressions import col
 
     t0 = time.time()
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     files = list_sources(cfg.sources)
+    for spec in cfg.filters:
+        load_filter(spec)  # a filter that cannot load fails here, on the driver, by name
     index = {f: i for i, f in enumerate(files)}
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
+    # Ray Data's default of 200 shuffle partitions costs seconds per shuffle on a small cluster.
+    ctx.default_hash_shuffle_parallelism = cfg.shuffle_partitions or max(
+        2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     say = print if progress else (lambda *a, **k: None)
 
     say(f"[rayllm data] {len(files)} file(s): parse, clean, exact dedup")
@@ -119,7 +126,7 @@ def prepare(cfg: DataPrepConfig, progress: bool = True) -> dict:
     if cfg.near_dedup:
         say("[rayllm data] near-duplicate search (MinHash LSH)")
         m = cfg.minhash
-        near = near_duplicates(rows.filter(expr="status == 'kept'"),
+        near = near_duplicates(rows.filter(expr=col("status") == "kept"),
                                MinHashConfig(m.threshold, m.num_perm, m.shingle_words, m.seed))
     eval_index = None
     if cfg.eval_sets:
@@ -143,12 +150,13 @@ def prepare(cfg: DataPrepConfig, progress: bool = True) -> dict:
 
     rows = rows.map_batches(finish, batch_format="numpy").materialize()
     counts = {s: 0 for s in STATUSES}
-    for r in rows.groupby("status").count().take_all():
-        counts[r["status"]] = r["count()"]
+    for block in rows.select_columns(["status"]).iter_batches(batch_format="numpy", batch_size=None):
+        for status, n in zip(*np.unique(block["status"], return_counts=True)):
+            counts[str(status)] += int(n)
     records_in = rows.count()
 
     # Quarantine and removal report: everything not kept, with source, line and reason.
-    dropped = rows.filter(expr="status != 'kept'").select_columns(["source", "line", "status", "reason", "record"])
+    dropped = rows.filter(expr=col("status") != "kept").select_columns(["source", "line", "status", "reason", "record"])
     removed = sorted(dropped.take_all(), key=lambda r: (r["source"], r["line"]))
     with open(out / ".removed.jsonl.tmp", "w") as f:
         for r in removed:
@@ -160,7 +168,7 @@ def prepare(cfg: DataPrepConfig, progress: bool = True) -> dict:
         "balanced": records_in == sum(counts.values()),
         "sources": len(files),
     }
-    kept = rows.filter(expr="status == 'kept'").select_columns(["id", "record"]).sort("id")
+    kept = rows.filter(expr=col("status") == "kept").select_columns(["id", "record"]).sort("id")
     if cfg.kind in ("text", "sft"):
         say("[rayllm data] tokenize and pack")
         stats.update(_tokenize_and_pack(kept, cfg, out))
@@ -206,7 +214,8 @@ def _tokenize_and_pack(kept, cfg: DataPrepConfig, out: Path) -> dict:
                 t, m = row["input_ids"], row["loss_mask"]
             ids.append(np.asarray(t, dtype=np.int32))
             masks.append(np.asarray(m, dtype=np.int8))
-        return {"id": batch["id"], "input_ids": ids, "loss_mask": masks}
+        return {"id": batch["id"], "input_ids": ids, "loss_mask": masks,
+                "length": np.asarray([len(t) for t in ids], dtype=np.int64)}
 
     def pack_window(batch: dict) -> dict:
         from rayllm.data.pack import pack
@@ -221,11 +230,11 @@ def _tokenize_and_pack(kept, cfg: DataPrepConfig, out: Path) -> dict:
     ctx_order = kept.context.execution_options.preserve_order
     kept.context.execution_options.preserve_order = True  # deterministic windows under a seed
     tokens = kept.map_batches(tokenize, batch_format="numpy", batch_size=256).materialize()
-    doc_lens = np.asarray([len(r["input_ids"]) for r in tokens.select_columns(["input_ids"]).iter_rows()])
+    doc_lens = _column(tokens, "length")
     packed = tokens.map_batches(pack_window, batch_format="numpy", batch_size=cfg.pack_window).materialize()
     kept.context.execution_options.preserve_order = ctx_order
     _replace_dir(out / "packed", lambda tmp: packed.write_parquet(str(tmp)))
-    fill = np.asarray([r["real_tokens"] for r in packed.select_columns(["real_tokens"]).iter_rows()])
+    fill = _column(packed, "real_tokens")
     rows = len(fill)
     plot = _plot_lengths(doc_lens, fill, cfg.seq_len, out / "lengths.png")
     hist, edges = np.histogram(doc_lens, bins=20)
@@ -235,6 +244,12 @@ def _tokenize_and_pack(kept, cfg: DataPrepConfig, out: Path) -> dict:
         "doc_length_histogram": {"counts": hist.tolist(), "edges": edges.tolist()},
         "plot": str(plot), "tokenizer": tok_path,
     }
+
+
+def _column(ds, name: str) -> np.ndarray:
+    """One integer column of a dataset, read block by block."""
+    parts = [b[name] for b in ds.select_columns([name]).iter_batches(batch_format="numpy", batch_size=None)]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
 
 def _pad_id(tok_path: str) -> int:

@@ -23,14 +23,17 @@ class Fields(FieldMap):
     kind: Kind = "text"
     max_chars: int = 1_000_000
 
-    def required(self, record: dict) -> list[str]:
+    def required(self, record: dict) -> dict[str, str]:
+        """Canonical name -> the source field that holds it, for this kind of record."""
         if self.kind == "text":
-            return [self.text]
-        if self.kind == "sft":
-            return [self.messages] if self.messages in record else [self.prompt, self.response]
-        if self.kind == "preference":
-            return [self.prompt, self.chosen, self.rejected]
-        return [self.prompt]
+            names = ["text"]
+        elif self.kind == "sft":
+            names = ["messages"] if self.messages in record else ["prompt", "response"]
+        elif self.kind == "preference":
+            names = ["prompt", "chosen", "rejected"]
+        else:
+            names = ["prompt"]
+        return {n: getattr(self, n) for n in names}
 
 
 @dataclass
@@ -45,16 +48,18 @@ class Parsed:
 def _check(rec: dict, fields: Fields, source: str, line: int, out: Parsed, raw: str) -> None:
     if not isinstance(rec, dict):
         return out.quarantine(source, line, f"not an object but {type(rec).__name__}", raw)
-    missing = [f for f in fields.required(rec) if f not in rec or rec[f] is None]
+    need = fields.required(rec)
+    missing = [f for f in need.values() if f not in rec or rec[f] is None]
     if missing:
         return out.quarantine(source, line, f"missing field(s) {missing}", raw)
-    values = [rec[f] for f in fields.required(rec)]
+    values = [rec[f] for f in need.values()]
     if any(isinstance(v, str) and not v.strip() for v in values) or any(v == [] for v in values):
         return out.quarantine(source, line, "empty document", raw)
     size = sum(len(v) if isinstance(v, str) else len(json.dumps(v)) for v in values)
     if size > fields.max_chars:
         return out.quarantine(source, line, f"over-long record ({size} > {fields.max_chars} chars)", raw)
-    out.records.append({**{f: rec[f] for f in fields.required(rec)}, "_source": source, "_line": line})
+    # Records leave under canonical names (text, prompt, response, ...): later steps need no map.
+    out.records.append({**{name: rec[f] for name, f in need.items()}, "_source": source, "_line": line})
 
 
 def parse_jsonl(source: str, data: bytes, fields: Fields) -> Parsed:

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from rayllm.data.stream import RowRefs, resolve_rows
+
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad rows of token lists into tensors. Each row has input_ids and, for training,
@@ -39,18 +41,36 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def filler(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def filler(mb: dict) -> dict:
+    if "refs" in mb:  # a reference: the rank reads it and zeroes the mask (materialize)
+        return {**mb, "filler": True}
     return {**mb, "loss_mask": torch.zeros_like(mb["loss_mask"]), "filler": True}
 
 
-def plan(rows: list[dict], world_size: int, micro_batch_size: int, pad_id: int) -> list[list[dict]]:
-    """Per-rank lists of collated micro-batches; every rank gets the same number."""
-    if not rows:
+def plan(rows: list[dict] | RowRefs, world_size: int, micro_batch_size: int, pad_id: int) -> list[list[dict]]:
+    """Per-rank lists of micro-batches; every rank gets the same number.
+
+    Rows given as token lists are collated here; rows given by reference (RowRefs into a packed
+    dataset) become references to micro-batches, which each rank reads itself (`materialize`).
+    """
+    if not len(rows):
         raise ValueError("empty batch")
-    mbs = [collate(rows[i: i + micro_batch_size], pad_id) for i in range(0, len(rows), micro_batch_size)]
+    if isinstance(rows, RowRefs):
+        mbs = [{"refs": RowRefs(rows.path, rows.ids[i: i + micro_batch_size]), "pad_id": pad_id}
+               for i in range(0, len(rows), micro_batch_size)]
+    else:
+        mbs = [collate(rows[i: i + micro_batch_size], pad_id) for i in range(0, len(rows), micro_batch_size)]
     per_rank = math.ceil(len(mbs) / world_size)
     shards = [mbs[r * per_rank: (r + 1) * per_rank] for r in range(world_size)]
     return [s + [filler(mbs[-1])] * (per_rank - len(s)) for s in shards]
+
+
+def materialize(mb: dict) -> dict:
+    """A micro-batch as tensors, reading it from its packed dataset if it came by reference."""
+    if "refs" not in mb:
+        return mb
+    out = collate(resolve_rows(mb["refs"]), mb["pad_id"])
+    return filler(out) if mb.get("filler") else out
 
 
 def count_loss_tokens(rows: list[dict]) -> int:

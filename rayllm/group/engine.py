@@ -22,6 +22,7 @@ import torch.distributed as dist  # noqa: E402
 
 from rayllm.algorithms import sft_loss  # noqa: E402
 from rayllm.config import GroupConfig  # noqa: E402
+from rayllm.group.batching import materialize  # noqa: E402
 from rayllm.group.ds_config import bytes_per_rank, deepspeed_config  # noqa: E402
 from rayllm.group.shm import release_shm  # noqa: E402
 
@@ -200,6 +201,7 @@ class RankEngine:
 
     # ---- compute ------------------------------------------------------------------------------
     def _to_device(self, batch: dict) -> dict:
+        batch = materialize(batch)
         return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
     def _logits(self, mb: dict) -> torch.Tensor:
@@ -209,20 +211,26 @@ class RankEngine:
             return self.engine(input_ids=mb["input_ids"], position_ids=mb["position_ids"], use_cache=False).logits
         return self.engine(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False).logits
 
-    def train_step(self, micro_batches: list[dict], global_tokens: int, loss: str = "sft") -> dict[str, Any]:
+    def train_step(self, micro_batches: list[dict], global_tokens: int | None, loss: str = "sft") -> dict[str, Any]:
         """One optimizer step over this rank's micro-batches.
 
         DeepSpeed averages gradients over ranks (divides by world size), so each micro-batch's
         summed loss is scaled by world_size / global_tokens: the update is then exactly that of
-        the mean loss over every target token of the global batch.
+        the mean loss over every target token of the global batch. Rows sent by reference reach
+        the driver unread, so then global_tokens is None and the ranks sum their counts.
         """
         if not self.trainable:
             raise RuntimeError(f"group {self.name!r} is frozen and cannot train")
         self.engine.train()
+        micro_batches = [self._to_device(mb) for mb in micro_batches]
+        if global_tokens is None:
+            n = torch.tensor([sum(int(mb["loss_mask"][:, 1:].sum()) for mb in micro_batches)], device=self.device)
+            if dist.is_initialized():
+                dist.all_reduce(n)
+            global_tokens = int(n.item())
         loss_sum, tokens = 0.0, 0
         scale = self.world_size / max(1, global_tokens)
         for mb in micro_batches:
-            mb = self._to_device(mb)
             if loss != "sft":
                 raise ValueError(f"unknown loss {loss!r}")
             s, n = sft_loss(self._logits(mb), mb["input_ids"], mb["loss_mask"])

@@ -12,6 +12,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayllm.config import GroupConfig
+from rayllm.data.stream import RowRefs
 from rayllm.env import worker_env
 from rayllm.group import batching
 from rayllm.group.shm import release_shm
@@ -115,11 +116,13 @@ class ModelGroup:
         return gather([w.call.remote(method, *a, **kwargs) for w, a in zip(self.workers, args)])
 
     # ---- compute ------------------------------------------------------------------------------
-    def train_step(self, rows: list[dict], loss: str = "sft") -> dict:
-        """One optimizer step on a global batch of rows (token lists with loss masks)."""
+    def train_step(self, rows: list[dict] | RowRefs, loss: str = "sft") -> dict:
+        """One optimizer step on a global batch: rows of token lists with loss masks, or
+        references to rows of a packed dataset that the ranks read themselves."""
         shards = batching.plan(rows, self.world_size, self.cfg.micro_batch_size, self.pad_id)
-        tokens = batching.count_loss_tokens(rows)
-        res = self._all("train_step", [(s, tokens) for s in shards], loss=loss)
+        known = None if isinstance(rows, RowRefs) else batching.count_loss_tokens(rows)
+        res = self._all("train_step", [(s, known) for s in shards], loss=loss)
+        tokens = sum(r["tokens"] for r in res)
         out = {
             "loss": sum(r["loss_sum"] for r in res) / max(1, tokens),
             "tokens": tokens,
@@ -131,7 +134,7 @@ class ModelGroup:
             out["loss_scale"] = res[0]["loss_scale"]
         return out
 
-    def eval_loss(self, rows: list[dict]) -> float:
+    def eval_loss(self, rows: list[dict] | RowRefs) -> float:
         shards = batching.plan(rows, self.world_size, self.cfg.micro_batch_size, self.pad_id)
         res = self._all("eval_loss", [(s,) for s in shards])
         return sum(r["loss_sum"] for r in res) / max(1, sum(r["tokens"] for r in res))

@@ -2,11 +2,10 @@
 
 Resumable: with `train.checkpoint_every` set, DeepSpeed checkpoints land in
 <stage dir>/checkpoints, and a rerun continues after the last one at the same step and data
-position (the data order of each epoch is a pure function of the seed).
+position (the rows of each step are a pure function of the seed; rayllm.trainer.sft_data).
 """
 from __future__ import annotations
 
-import random
 import sys
 import time
 from pathlib import Path
@@ -14,17 +13,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from rayllm.config import SFT
-from rayllm.datasets.sft import load_records, split, tokenized_rows
 from rayllm.group import ModelGroup
 from rayllm.group.model_group import total_steps
 from rayllm.io import append_jsonl
 from rayllm.models import load_tokenizer, resolve_model
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
+from rayllm.trainer.sft_data import load_sft_data
 
 
 def run_sft(stage: SFT, out_dir: Path, seed: int = 0, metrics_path: Path | None = None,
@@ -35,24 +28,24 @@ def run_sft(stage: SFT, out_dir: Path, seed: int = 0, metrics_path: Path | None 
     metrics_path = metrics_path or out_dir / "metrics.jsonl"
     model_path, tok_path = resolve_model(stage.model)
     tok = load_tokenizer(tok_path)
+    say = print if progress else (lambda *a, **k: None)
 
-    records = load_records(stage.data, seed)
-    rows, dropped = tokenized_rows(records, tok_path, stage.data)
-    train, held = split(rows, stage.data.eval_fraction, seed)
+    train, held, data_info = load_sft_data(stage, out_dir, str(tok_path), seed, say)
     G = stage.train.global_batch_size
     if len(train) < G:
         raise ValueError(f"{stage.name}: {len(train)} training rows, fewer than train.global_batch_size={G}")
-    if progress:
-        print(f"[rayllm] {stage.name}: {len(train)} training / {len(held)} held-out rows "
-              f"({dropped} dropped: no response token left after truncation)", flush=True)
-    steps_per_epoch = len(train) // G
+    say(f"[rayllm] {stage.name}: {len(train)} training {'packed ' if stage.data.packing else ''}rows, "
+        f"{len(held)} held-out rows; data: {data_info}", flush=True)
     n_steps = total_steps(len(train), G, stage.train.epochs, stage.train.max_steps)
 
     group = ModelGroup(f"{stage.name}/policy", stage.group, model_path, "causal_lm", trainable=True,
                        total_steps=n_steps, pad_id=tok.pad_token_id)
     try:
         ckpt_dir = out_dir / "checkpoints"
-        state = group.load_checkpoint(ckpt_dir) or {"step": 0}
+        state = group.load_checkpoint(ckpt_dir) or {"step": 0, "data": train.fingerprint}
+        if state.get("data") != train.fingerprint:
+            raise ValueError(f"{stage.name}: the checkpoint in {ckpt_dir} was taken on other data "
+                             f"({state.get('data')} != {train.fingerprint}); remove it to start over")
         step = state["step"]
         log = lambda rec: append_jsonl(metrics_path, {"stage": stage.name, **rec})  # noqa: E731
         initial_eval = group.eval_loss(held)
@@ -62,12 +55,10 @@ def run_sft(stage: SFT, out_dir: Path, seed: int = 0, metrics_path: Path | None 
         bar = tqdm(total=n_steps, initial=step, desc=f"{stage.name}", disable=not progress, unit="step",
                    mininterval=0.2 if sys.stderr.isatty() else 15.0)
         while step < n_steps:
-            epoch, k = divmod(step, steps_per_epoch)
-            order = epoch_order(len(train), seed, epoch)
-            batch = [train[i] for i in order[k * G: (k + 1) * G]]
             t = time.time()
-            m = group.train_step(batch)
+            m = group.train_step(train.batch(step))
             step += 1
+            epoch = (step - 1) // train.steps_per_epoch
             rec = {"step": step, "epoch": epoch, "step_time_s": time.time() - t, **m}
             if stage.train.eval_every and step % stage.train.eval_every == 0 and step < n_steps:
                 rec["eval_loss"] = group.eval_loss(held)
@@ -75,7 +66,9 @@ def run_sft(stage: SFT, out_dir: Path, seed: int = 0, metrics_path: Path | None 
             bar.set_postfix(loss=f"{m['loss']:.3f}")
             bar.update(1)
             if stage.train.checkpoint_every and step % stage.train.checkpoint_every == 0:
-                group.save_checkpoint(ckpt_dir, step)
+                # The data position is the step: the rows of step s are a function of (seed, s).
+                group.save_checkpoint(ckpt_dir, step, {"data": train.fingerprint,
+                                                       "rows_consumed": step * G})
         bar.close()
         final_eval = group.eval_loss(held)
         log({"step": step, "eval_loss": final_eval})
@@ -88,7 +81,8 @@ def run_sft(stage: SFT, out_dir: Path, seed: int = 0, metrics_path: Path | None 
         "steps": n_steps,
         "train_rows": len(train),
         "eval_rows": len(held),
-        "dropped_rows": dropped,
+        "packing": stage.data.packing,
+        **data_info,
         "eval_loss_initial": initial_eval,
         "eval_loss_final": final_eval,
         "num_ranks": stage.group.num_ranks,

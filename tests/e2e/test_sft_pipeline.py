@@ -1,5 +1,6 @@
-"""Whole SFT pipelines on the local Ray cluster: the loss goes down, the output loads in
-transformers, stages are skipped on rerun, and an interrupted run resumes from its checkpoint."""
+"""Whole SFT pipelines on the local Ray cluster: the loss goes down on the packed, deduplicated
+stream, the output loads in transformers, stages are skipped on rerun, an interrupted run resumes
+from its checkpoint at the exact data position, and a dataset prepared beforehand can be used."""
 import json
 import os
 import subprocess
@@ -12,8 +13,8 @@ from rayllm.pipeline_file import load_pipeline
 from rayllm.runner import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["sft.model.tiny=tiny-1m", "sft.data.num_examples=600", "sft.train.global_batch_size=32",
-         "sft.group.micro_batch_size=8", "sft.train.eval_every=5", "sft.train.checkpoint_every=0"]
+SMALL = ["sft.model.tiny=tiny-1m", "sft.data.num_examples=1200", "sft.train.global_batch_size=8",
+         "sft.group.micro_batch_size=4", "sft.train.eval_every=10", "sft.train.checkpoint_every=0"]
 
 
 def _metrics(run_dir):
@@ -27,8 +28,12 @@ def test_sft_loss_goes_down_and_model_loads(ray_cluster, tmp_path):
     summary = run_pipeline(pipe, progress=False)
     s = summary["stages"][0]
     assert s["eval_loss_final"] < 0.6 * s["eval_loss_initial"], s
+    # Trained on packed rows of the deduplicated, decontaminated training split.
+    stats = json.loads((tmp_path / "sft" / "data" / "stats.json").read_text())
+    assert stats["balanced"] and stats["exact_duplicate"] > 0 and stats["rows"] == s["train_rows"] == s["rows"]
+    assert stats["records_in"] == 1200 - s["eval_rows"] and stats["padding_share"] < 0.1
     steps = [m for m in _metrics(tmp_path) if "loss" in m]
-    assert len(steps) == s["steps"] == 2 * (540 // 32)
+    assert len(steps) == s["steps"] == 2 * (s["train_rows"] // 8)
     assert sum(m["loss"] for m in steps[-3:]) < sum(m["loss"] for m in steps[:3])
     AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "model")
     assert (tmp_path / "report.md").is_file() and (tmp_path / "plots" / "sft_loss.png").is_file()
@@ -40,36 +45,71 @@ def test_sft_loss_goes_down_and_model_loads(ray_cluster, tmp_path):
     assert len(_metrics(tmp_path)) == lines  # no step ran again
 
 
-def test_interrupted_run_resumes_without_repeating_steps(ray_cluster, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_without_repeating_steps_or_rows(ray_cluster, tmp_path, monkeypatch):
     from rayllm.group import ModelGroup
 
     pipe = load_pipeline(ROOT / "pipelines/sft_tiny.py",
                          SMALL + [f"run_dir={tmp_path}", "sft.train.max_steps=8", "sft.train.checkpoint_every=3"])
     real = ModelGroup.train_step
     calls = {"n": 0}
+    fed = []  # the row ids of every step that ran, in order
 
     def dies_at_step_7(self, rows, **kw):
         calls["n"] += 1
         if calls["n"] == 7:
             raise RuntimeError("worker lost")
-        return real(self, rows, **kw)
+        out = real(self, rows, **kw)
+        fed.append(rows.ids)
+        return out
 
     monkeypatch.setattr(ModelGroup, "train_step", dies_at_step_7)
     with pytest.raises(RuntimeError, match="worker lost"):
         run_pipeline(pipe, progress=False)
-    monkeypatch.setattr(ModelGroup, "train_step", real)
     assert (tmp_path / "sft" / "checkpoints" / "latest").read_text() == "step6"
+    prepared_at = (tmp_path / "sft" / "data" / "stats.json").stat().st_mtime_ns
+    calls["n"] = 100  # no more failures
     run_pipeline(pipe, progress=False)
     steps = [m["step"] for m in _metrics(tmp_path) if "loss" in m]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # 7 and 8 once, after resuming from step 6
+    assert (tmp_path / "sft" / "data" / "stats.json").stat().st_mtime_ns == prepared_at  # data reused
+    # The resumed run fed steps 7 and 8 the rows an uninterrupted run would have: no row repeated
+    # or skipped (an epoch here is longer than 8 steps).
+    assert len(fed) == 6 + 2
+    rows = [i for ids in fed for i in ids]
+    assert len(rows) == len(set(rows)) == 8 * 8
+    from rayllm.data.stream import PackedSource
+    from rayllm.trainer.sft_data import PackedRows
+
+    order = PackedRows(PackedSource(tmp_path / "sft" / "data"), 8, pipe.seed, window=4)
+    assert fed[6] == order.batch(6).ids and fed[7] == order.batch(7).ids
+
+
+def test_prepared_dataset_feeds_the_pipeline(ray_cluster, tmp_path):
+    """`rayllm data prepare` on an SFT JSONL (with a malformed line), then `sft.data.prepared`."""
+    from rayllm.config import DataPrepConfig
+    from rayllm.data.prepare import prepare
+    from rayllm.datasets.tasks import arithmetic
+
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps({"q": r["prompt"], "a": r["response"]}) + "\n" for r in arithmetic(400))
+                   + "{not json\n")
+    stats = prepare(DataPrepConfig(sources=[str(src)], kind="sft", fields={"prompt": "q", "response": "a"},
+                                   seq_len=64, output=str(tmp_path / "prepared")), progress=False)
+    assert stats["quarantined"] == 1 and stats["rows"] > 20
+    pipe = load_pipeline(ROOT / "pipelines/sft_tiny.py", SMALL + [
+        f"run_dir={tmp_path / 'run'}", f"sft.data.prepared={tmp_path / 'prepared'}", "sft.train.max_steps=4"])
+    s = run_pipeline(pipe, progress=False)["stages"][0]
+    assert s["steps"] == 4 and s["packed_rows"] == stats["rows"] == s["train_rows"] + s["eval_rows"]
+    assert s["eval_loss_final"] < s["eval_loss_initial"]
 
 
 def test_demo_entry_point_runs_as_a_script(tmp_path):
-    """`python pipelines/sft_tiny.py` starts its own local Ray cluster and prints a summary."""
+    """`python pipelines/sft_tiny.py` starts its own local Ray cluster and prints a summary; here
+    on the unpacked path (one padded row per example)."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     out = subprocess.run(
         [sys.executable, str(ROOT / "pipelines/sft_tiny.py"), "--no-progress", "--set", f"run_dir={tmp_path}",
-         "--set", "sft.train.max_steps=3", "--set", "ray.num_cpus=3",
+         "--set", "sft.train.max_steps=3", "--set", "ray.num_cpus=3", "--set", "sft.data.packing=false",
          *[a for o in SMALL for a in ("--set", o)]],
         capture_output=True, text=True, env=env, timeout=600,
     )

@@ -45,17 +45,20 @@ def test_prepare_accounts_for_every_record_and_packs(tmp_path):
         json.dumps({"text": " ".join(near)}),  # line 43: near duplicate of line 3
         "{broken json",  # line 44
         json.dumps({"title": "no text"}),  # line 45
+        json.dumps({"text": "SPAM " + base[9]}),  # line 46: rejected by the user's filter hook
     ]
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(lines) + "\n")
     (tmp_path / "eval.jsonl").write_text(json.dumps({"text": " ".join(base[5].split()[3:30])}) + "\n")
     stdlib = Path(sysconfig.get_paths()["stdlib"]) / "json"
+    (tmp_path / "hooks.py").write_text("def no_spam(text, record):\n    return 'spam' if 'SPAM' in text else None\n")
     cfg = DataPrepConfig(sources=[str(corpus), str(stdlib / "*.py")], eval_sets=[str(tmp_path / "eval.jsonl")],
-                         seq_len=256, min_chars=20, output=str(tmp_path / "out"))
+                         seq_len=256, min_chars=20, output=str(tmp_path / "out"),
+                         filters=[f"{tmp_path / 'hooks.py'}:no_spam"])
     stats = prepare(cfg, progress=False)
 
     n_std = len(list(stdlib.glob("*.py")))
-    assert stats["records_in"] == 45 + n_std
+    assert stats["records_in"] == 46 + n_std
     assert stats["records_in"] == (stats["kept"] + stats["exact_duplicate"] + stats["near_duplicate"]
                                    + stats["contaminated"] + stats["quarantined"])
     removed = {(Path(r["source"]).name, r["line"]): r for r in
@@ -66,6 +69,8 @@ def test_prepare_accounts_for_every_record_and_packs(tmp_path):
     assert removed[("corpus.jsonl", 6)]["status"] == "contaminated"
     assert removed[("corpus.jsonl", 44)]["reason"].startswith("malformed JSON")
     assert removed[("corpus.jsonl", 45)]["reason"] == "missing field(s) ['text']"
+    assert removed[("corpus.jsonl", 46)]["status"] == "quarantined"
+    assert removed[("corpus.jsonl", 46)]["reason"].endswith("hooks.py:no_spam: spam")
 
     table = pq.read_table(tmp_path / "out" / "packed").to_pydict()
     assert len(table["input_ids"]) == stats["rows"] > 0

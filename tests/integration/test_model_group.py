@@ -200,20 +200,34 @@ def test_frozen_group_rejects_zero_1_and_2(tiny_path):
         ModelGroup("reference", GroupConfig(num_ranks=1, zero_stage=1), tiny_path, trainable=False)
 
 
-def test_packed_rows_give_the_loss_of_the_documents_alone(tiny_path):
+def test_packed_rows_give_the_loss_of_the_documents_alone(tiny_path, tmp_path):
+    """Packed rows (sent as tokens, or by reference and read by the ranks from Parquet) give
+    the loss of their documents run one by one; the ranks count the tokens of referenced rows."""
     import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     from rayllm.data.pack import pack
+    from rayllm.data.stream import RowRefs
 
     rng = np.random.default_rng(1)
     docs = [rng.integers(10, 1000, size=n) for n in rng.integers(5, 60, size=24)]
-    packed = pack(docs, 128).rows()
+    p = pack(docs, 128)
+    packed = p.rows()
+    (tmp_path / "packed").mkdir()
+    pq.write_table(pa.table({"input_ids": list(p.input_ids), "position_ids": list(p.position_ids),
+                             "loss_mask": list(p.loss_mask)}), tmp_path / "packed" / "rows.parquet")
+    refs = RowRefs(str(tmp_path / "packed"), tuple(range(len(packed))))
     alone = [{"input_ids": d.tolist(), "loss_mask": [1] * len(d)} for d in docs]
     g = ModelGroup("policy", GroupConfig(num_ranks=2, zero_stage=3, micro_batch_size=2), tiny_path)
     try:
         assert len(packed) < len(alone)
-        assert g.eval_loss(packed) == pytest.approx(g.eval_loss(alone), abs=1e-5)
-        m = g.train_step(packed)
+        before = g.eval_loss(packed)
+        assert before == pytest.approx(g.eval_loss(alone), abs=1e-5)
+        assert g.eval_loss(refs) == pytest.approx(before, abs=1e-6)
+        m = g.train_step(refs)
         assert m["tokens"] == sum(len(d) - 1 for d in docs)
+        assert m["loss"] == pytest.approx(before, abs=1e-5)
+        assert g.eval_loss(refs) < before
     finally:
         g.shutdown()

@@ -69,3 +69,13 @@ def test_real_stdlib_sources_parse_and_share_licence_headers():
     # headers, shebangs); normalisation keeps them byte-identical so dedup can find them.
     firsts = [normalize(r["text"]).split("\n", 1)[0] for r in records]
     assert max(firsts.count(f) for f in set(firsts)) >= 2
+
+
+def test_mapped_fields_leave_under_canonical_names():
+    from rayllm.data.records import Fields, parse_jsonl
+
+    out = parse_jsonl("chat.jsonl", b'{"q": "2+2?", "a": "4", "extra": 1}\n{"q": "no answer"}\n',
+                      Fields(kind="sft", prompt="q", response="a"))
+    assert [{k: v for k, v in r.items() if not k.startswith("_")} for r in out.records] == [
+        {"prompt": "2+2?", "response": "4"}]
+    assert out.quarantined[0]["reason"] == "missing field(s) ['a']" and out.quarantined[0]["_line"] == 2

@@ -16,3 +16,10 @@ def test_shared_13_gram_is_caught_and_named():
 def test_twelve_shared_words_are_not_enough():
     idx = EvalIndex(EVAL, n=13)
     assert idx.match("x natalia sold clips to 48 of her friends in april and then y") is None
+
+
+def test_short_documents_match_only_an_identical_short_eval_text():
+    idx = EvalIndex({"arith/3": "What is 12 + 34?\n12 + 34 = 46"}, n=13)
+    assert idx.match("what is 12 + 34? 12 + 34 = 46") == "arith/3"  # case and punctuation folded
+    assert idx.match("What is 12 + 35?\n12 + 35 = 47") is None
+    assert idx.match("") is None
