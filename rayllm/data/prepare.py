@@ -157,10 +157,9 @@ def prepare(cfg: DataPrepConfig, progress: bool = True) -> dict:
 
     # Quarantine and removal report: everything not kept, with source, line and reason.
     dropped = rows.filter(expr=col("status") != "kept").select_columns(["source", "line", "status", "reason", "record"])
-    removed = sorted(dropped.take_all(), key=lambda r: (r["source"], r["line"]))
-    with open(out / ".removed.jsonl.tmp", "w") as f:
-        for r in removed:
-            f.write(json.dumps(r) + "\n")
+    with open(out / ".removed.jsonl.tmp", "w") as f:  # streamed, sorted by source and line
+        for r in dropped.sort(["source", "line"]).iter_rows():
+            f.write(json.dumps({k: (int(v) if k == "line" else v) for k, v in r.items()}) + "\n")
     os.replace(out / ".removed.jsonl.tmp", out / "removed.jsonl")
 
     stats = {

@@ -46,6 +46,20 @@ def test_cross_field_rules():
         Pipeline(name="x", stages=[SFT(), SFT()])
 
 
+def test_sft_data_sources_are_checked(tmp_path):
+    from rayllm import PrepSettings, SFTDataConfig
+
+    assert SFTDataConfig(prepared=str(tmp_path)).prepared == str(tmp_path)
+    with pytest.raises(ValueError, match="is not a directory"):
+        SFTDataConfig(prepared=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="needs data.packing true"):
+        SFTDataConfig(prepared=str(tmp_path), packing=False)
+    with pytest.raises(ValueError, match="does not exist"):
+        SFTDataConfig(source=str(tmp_path / "none.jsonl"))
+    with pytest.raises(ValueError, match="overlap"):
+        PrepSettings(seq_len=64, overlap=64)
+
+
 def test_overrides_are_typed_and_address_stages_by_name():
     assert parse_overrides(["a=3", "b=true", "c=1e-4", "d=[q_proj, v_proj]", "e=abc"]) == {
         "a": 3, "b": True, "c": 1e-4, "d": ["q_proj", "v_proj"], "e": "abc"}
