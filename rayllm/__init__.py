@@ -9,6 +9,8 @@ from rayllm.config import (
     PrecisionConfig,
     PrepSettings,
     RayConfig,
+    RolloutConfig,
+    SamplingConfig,
     SFTDataConfig,
     TrainConfig,
 )
@@ -23,6 +25,8 @@ __all__ = [
     "PrecisionConfig",
     "PrepSettings",
     "RayConfig",
+    "RolloutConfig",
+    "SamplingConfig",
     "SFTDataConfig",
     "TrainConfig",
 ]

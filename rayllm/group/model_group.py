@@ -139,11 +139,12 @@ class ModelGroup:
         res = self._all("eval_loss", [(s,) for s in shards])
         return sum(r["loss_sum"] for r in res) / max(1, sum(r["tokens"] for r in res))
 
-    def logprobs(self, rows: list[dict]) -> list:
-        """Per-row next-token log-probs (length len(input_ids) - 1), in the order given."""
+    def logprobs(self, rows: list[dict], temperature: float = 1.0) -> list:
+        """Per-row next-token log-probs (length len(input_ids) - 1), in the order given, under
+        softmax(logits / temperature): the footing of the rollout engines' log-probs."""
         m = self.cfg.micro_batch_size
         shards = batching.plan(rows, self.world_size, m, self.pad_id)
-        res = self._all("logprobs", [(s,) for s in shards])
+        res = self._all("logprobs", [(s,) for s in shards], temperature=temperature)
         flat = [row for rank_out, shard in zip(res, shards) for t, mb in zip(rank_out, shard)
                 if not mb.get("filler") for row in t]
         return [flat[i][: len(r["input_ids"]) - 1] for i, r in enumerate(rows)]
@@ -170,7 +171,13 @@ class ModelGroup:
         return self._all("load_checkpoint", [(str(directory), tag)] * self.world_size)[0]
 
     def full_state_dict(self, adapter_only: bool = False) -> dict:
-        return self._all("full_state_dict", adapter_only=adapter_only)[0]
+        return ray.get(self.full_state_dict_ref(adapter_only))
+
+    def full_state_dict_ref(self, adapter_only: bool = False) -> ray.ObjectRef:
+        """The gathered weights as an object-store reference held by rank 0: consumers (rollout
+        engines) fetch them from there without a copy through the driver."""
+        out = gather([w.put_state_dict.remote(adapter_only) for w in self.workers])  # all ranks gather
+        return out[0][0]
 
     def param_stats(self) -> list[dict]:
         return self._all("param_stats")

