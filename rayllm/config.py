@@ -23,7 +23,7 @@ class ModelConfig(Strict):
     """
 
     path: str | None = None
-    tiny: Literal["tiny-1m", "tiny-8m", "tiny-30m"] = "tiny-1m"
+    tiny: Literal["tiny-1m", "tiny-8m", "tiny-30m", "tiny-100m"] = "tiny-1m"
     tokenizer: str | None = None  # defaults to `path`, or the bundled BPE for tiny models
     seed: int = 0
 

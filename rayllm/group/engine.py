@@ -27,6 +27,19 @@ from rayllm.group.ds_config import bytes_per_rank, deepspeed_config  # noqa: E40
 from rayllm.group.shm import release_shm  # noqa: E402
 
 
+def _buckets(named: list, limit: int) -> list[list]:
+    """Consecutive (name, param) runs of at most `limit` bytes (full, unpartitioned sizes)."""
+    out, cur, size = [], [], 0
+    for name, p in named:
+        n = (p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * 4
+        if cur and size + n > limit:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append((name, p))
+        size += n
+    return out + ([cur] if cur else [])
+
+
 class ModelDoesNotFit(RuntimeError):
     """The model's states exceed a rank's memory in the given configuration."""
 
@@ -285,21 +298,20 @@ class RankEngine:
         m = self.engine.module
         return m.get_base_model() if hasattr(m, "get_base_model") else m
 
-    def full_state_dict(self, adapter_only: bool = False) -> dict[str, torch.Tensor] | None:
+    def full_state_dict(self, adapter_only: bool = False, bucket_bytes: int = 256 * 2**20) -> dict[str, torch.Tensor] | None:
         """The whole state dict gathered from every rank (ZeRO-3 shards included) onto rank 0,
-        one parameter at a time so peak memory stays one tensor above the shard. Every rank
-        must call it; ranks other than 0 get None."""
+        a bucket of parameters at a time so peak memory stays one bucket above the shard. Every
+        rank must call it; ranks other than 0 get None."""
         module = self.engine.module
         out: dict[str, torch.Tensor] = {}
-        for name, p in module.named_parameters():
-            if adapter_only and "lora_" not in name:
-                continue
-            if hasattr(p, "ds_id"):
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                    if self.rank == 0:
+        named = [(n, p) for n, p in module.named_parameters() if not adapter_only or "lora_" in n]
+        for bucket in _buckets(named, bucket_bytes):
+            sharded = [p for _, p in bucket if hasattr(p, "ds_id")]
+            # One gather per bucket of parameters (not per parameter): far fewer collectives.
+            with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None, enabled=bool(sharded)):
+                if self.rank == 0:
+                    for name, p in bucket:
                         out[name] = p.detach().to("cpu", torch.float32).clone()
-            elif self.rank == 0:
-                out[name] = p.detach().to("cpu", torch.float32).clone()
         if not adapter_only and self.rank == 0:
             persistent = module.state_dict().keys()
             for name, b in module.named_buffers():

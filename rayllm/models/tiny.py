@@ -1,6 +1,6 @@
 """Tiny Llama-style models built from config, for CPU runs and tests.
 
-Sizes span ~1M to ~30M parameters. Causal LMs, reward models and critics (a scalar head on
+Sizes span ~1M to ~100M parameters. Causal LMs, reward models and critics (a scalar head on
 the same trunk) are saved in Hugging Face format (safetensors) under the cache, keyed by the
 hash of everything that determines their weights, so a second request reuses the first build.
 """
@@ -19,6 +19,7 @@ SIZES = {
     "tiny-1m": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=352),
     "tiny-8m": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, intermediate_size=704),
     "tiny-30m": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1408),
+    "tiny-100m": dict(hidden_size=768, num_hidden_layers=14, num_attention_heads=12, intermediate_size=2048),
 }
 Kind = Literal["causal_lm", "reward", "critic"]
 _KIT_VERSION = 1  # bump when the build below changes what a given key produces

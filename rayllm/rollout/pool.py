@@ -51,6 +51,7 @@ class RolloutPool:
         self._weights: tuple[ray.ObjectRef, float | None] | None = None  # latest push, for restarts
         self.restarts = 0
         self.requeued = 0
+        self._probe_rows: list[list[int]] | None = None
         self.engines: list = [None] * cfg.num_engines
         self._info: list[dict | None] = [None] * cfg.num_engines
         self._starting: dict[ray.ObjectRef, int] = {}
@@ -160,35 +161,54 @@ class RolloutPool:
     # ---- weights ------------------------------------------------------------------------------
     def sync(self, group, lora: LoraConfig | None = None) -> dict[str, float]:
         """Push the policy's current weights into every engine, then verify them. Returns the
-        seconds taken by the gather, the push and the verification, and the largest gap."""
+        seconds taken by the gather, the push and the verification, and the largest gap.
+
+        The trainer computes its probe log-probs while the engines load (the ranks are idle
+        then), and the engines compute theirs in parallel, so verification adds little more
+        than one engine forward to the push."""
         t0 = time.perf_counter()
         ref = group.full_state_dict_ref()
         t1 = time.perf_counter()
         scaling = lora.alpha / lora.r if lora is not None and lora.enabled else None
         self._weights = (ref, scaling)
         alive = self._alive()
+        loads = [self.engines[i].load_weights.remote(ref, scaling) for i in alive]
+        want = self._trainer_probe(group) if self.cfg.verify else None
+        t2 = time.perf_counter()
         try:
-            ray.get([self.engines[i].load_weights.remote(ref, scaling) for i in alive])
+            ray.get(loads)
         except _DEAD as e:
             raise RuntimeError(f"{self.name}: an engine died while loading weights: {_cause(e)}") from None
-        t2 = time.perf_counter()
-        out = {"gather_s": t1 - t0, "push_s": t2 - t1, "engines": len(alive)}
-        if self.cfg.verify:
-            out["max_gap"] = self.verify(group)
-            out["verify_s"] = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        out = {"gather_s": t1 - t0, "push_s": t3 - t1, "engines": len(alive)}
+        if want is not None:
+            out["max_gap"] = self._compare(want)
+            out["verify_s"] = time.perf_counter() - t3
+            out["trainer_probe_s"] = t2 - t1  # overlapped with the push
         return out
 
-    def probe(self, vocab_size: int) -> list[list[int]]:
+    def probe(self, vocab_size: int | None = None) -> list[list[int]]:
+        """The fixed probe batch: random token ids (the same every time) across the vocabulary."""
+        if vocab_size is None:
+            if self._probe_rows is None:
+                from transformers import AutoConfig
+
+                self._probe_rows = self.probe(AutoConfig.from_pretrained(self.model_path).vocab_size)
+            return self._probe_rows
         rng = np.random.default_rng(12345)
         return rng.integers(3, vocab_size, size=(self.cfg.probe_rows, self.cfg.probe_len)).tolist()
+
+    def _trainer_probe(self, group) -> list[np.ndarray]:
+        rows = self.probe()
+        return [np.asarray(x, dtype=np.float64) for x in group.logprobs([{"input_ids": r} for r in rows])]
 
     def verify(self, group) -> float:
         """Largest |engine - trainer| log-prob over the probe batch, across engines; raises
         SyncMismatch naming the first engine beyond tolerance."""
-        from transformers import AutoConfig
+        return self._compare(self._trainer_probe(group))
 
-        rows = self.probe(AutoConfig.from_pretrained(self.model_path).vocab_size)
-        want = [np.asarray(x, dtype=np.float64) for x in group.logprobs([{"input_ids": r} for r in rows])]
+    def _compare(self, want: list[np.ndarray]) -> float:
+        rows = self.probe()
         alive = self._alive()
         got = ray.get([self.engines[i].prompt_logprobs.remote(rows) for i in alive])
         worst = 0.0
