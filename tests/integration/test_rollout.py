@@ -161,5 +161,7 @@ def test_start_up_errors_name_the_cause(tmp_path, tiny_path):
     with pytest.raises(EngineStartError, match="has no config.json"):
         RolloutPool(RolloutConfig(), tmp_path)
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(EngineStartError, match="engine 0 failed to start: .*"):
-        RolloutPool(RolloutConfig(start_timeout_s=300), tmp_path, tiny_path)
+    with pytest.raises(EngineStartError, match="engine 0 failed to start: .*not a valid JSON"):
+        RolloutPool(RolloutConfig(cpus_per_engine=0.5), tmp_path, tiny_path)
+    with pytest.raises(EngineStartError, match="less than requested memory for kv"):  # out of memory
+        RolloutPool(RolloutConfig(kv_cache_gib=4000, cpus_per_engine=0.5), tiny_path)
