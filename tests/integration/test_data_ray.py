@@ -12,13 +12,14 @@ from rayllm.data.minhash import MinHashConfig, near_duplicates, near_duplicates_
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-def test_distributed_near_dedup_matches_local_reference():
+@pytest.mark.parametrize("concurrency, num_partitions", [(None, None), (2, 3)])
+def test_distributed_near_dedup_matches_local_reference(concurrency, num_partitions):
     import ray
 
     docs, truth = corpus(120, edit=0.03, seed=4)
     cfg = MinHashConfig(threshold=0.5)
     ds = ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(docs)], override_num_blocks=6)
-    got = near_duplicates(ds, cfg)
+    got = near_duplicates(ds, cfg, concurrency=concurrency, num_partitions=num_partitions)
     assert got == near_duplicates_local(list(range(len(docs))), docs, cfg)
     assert sum(got.get(d) == o for d, o in truth.items()) / len(truth) >= 0.99
 
