@@ -4,7 +4,8 @@
     python bench/dedup.py [--docs 20000] [--json out.json]
 
 For each edit rate (3% and 8% of words replaced) it prints docs/s, recall and precision for
-both, and the speed ratio; rayllm is run at Ray Data parallelism 1 and 2 to show scaling.
+both, and the speed ratio; rayllm is run at Ray Data parallelism 1 and 2, and again on
+--scaling-docs documents (default 100k), where the work outlasts Ray Data's ramp-up, to show scaling.
 Goals: recall >= 0.99 at 3% and >= 0.95 at 8%, precision >= 0.99, >= 2x datasketch's docs/s.
 
 Each method is timed --repeats times and its median is reported (the machine may be shared).
@@ -75,6 +76,8 @@ def main() -> None:
     ap.add_argument("--num-perm", type=int, default=128)
     ap.add_argument("--shingle-words", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--scaling-docs", type=int, default=100000,
+                    help="also time rayllm alone at 1 and 2 workers on this many docs (0: skip)")
     ap.add_argument("--json", dest="json_out")
     a = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -121,6 +124,19 @@ def main() -> None:
             res[f"{tag}_rayllm_p2_docs_per_s"] / res[f"{tag}_datasketch_docs_per_s"])
         res[f"{tag}_rayllm_p2_over_p1_docs_per_s_ratio"] = (
             res[f"{tag}_rayllm_p2_docs_per_s"] / res[f"{tag}_rayllm_p1_docs_per_s"])
+    if a.scaling_docs:
+        # Scaling needs a corpus whose signature stage outlasts Ray Data's ramp-up (~1 s).
+        docs, truth = make_corpus(a.scaling_docs, 0.03)
+        ds = ray.data.from_items([{"id": i, "text": d} for i, d in enumerate(docs)],
+                                 override_num_blocks=16).materialize()
+        cfg = MinHashConfig(threshold=0.5, num_perm=a.num_perm, shingle_words=a.shingle_words)
+        for par in (1, 2):
+            t = time.perf_counter()
+            found = near_duplicates(ds, cfg, concurrency=par)
+            res[f"scaling_{a.scaling_docs}_rayllm_p{par}_docs_per_s"] = len(docs) / (time.perf_counter() - t)
+            res[f"scaling_{a.scaling_docs}_rayllm_p{par}_recall"] = score(found, truth)[0]
+        res[f"scaling_{a.scaling_docs}_rayllm_p2_over_p1_docs_per_s_ratio"] = (
+            res[f"scaling_{a.scaling_docs}_rayllm_p2_docs_per_s"] / res[f"scaling_{a.scaling_docs}_rayllm_p1_docs_per_s"])
     ray.shutdown()
     print(f"\nnear-dedup of {a.docs} docs (100-300 words, 20% planted near copies), "
           f"{a.num_perm} perms, {a.shingle_words}-word shingles, median of {a.repeats} runs")
@@ -130,6 +146,10 @@ def main() -> None:
     for tag in ("edit3pct", "edit8pct"):
         print(f"{tag}: rayllm (2 workers) / datasketch = {res[f'{tag}_rayllm_p2_over_datasketch_docs_per_s_ratio']:.2f}x,"
               f" 2 workers / 1 worker = {res[f'{tag}_rayllm_p2_over_p1_docs_per_s_ratio']:.2f}x")
+    if a.scaling_docs:
+        k = f"scaling_{a.scaling_docs}_rayllm"
+        print(f"scaling, {a.scaling_docs} docs at 3% edits (1 run each): 1 worker {res[f'{k}_p1_docs_per_s']:,.0f} docs/s,"
+              f" 2 workers {res[f'{k}_p2_docs_per_s']:,.0f} docs/s, ratio {res[f'{k}_p2_over_p1_docs_per_s_ratio']:.2f}x")
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(res, indent=2) + "\n")
 
