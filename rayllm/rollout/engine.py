@@ -23,6 +23,7 @@ class RolloutEngine:
         apply_worker_env()
         cfg = RolloutConfig.model_validate_json(cfg_json)
         self.index, self.cfg = index, cfg
+        _sweep(cache_dir() / "tmp")
         self.tmp = cache_dir() / "tmp" / f"rollout-{index}-{os.getpid()}"
         self.tmp.mkdir(parents=True, exist_ok=True)
         os.environ.update({
@@ -36,7 +37,11 @@ class RolloutEngine:
             from rayllm.rollout.vllm_backend import VLLMBackend as Backend
         else:
             from rayllm.rollout.hf_backend import HFBackend as Backend
-        self.backend = Backend(model_path, tokenizer_path, cfg, on_gpu)
+        try:
+            self.backend = Backend(model_path, tokenizer_path, cfg, on_gpu)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         self.chunks = 0
         self._die_at: int | None = None
 
@@ -72,3 +77,14 @@ class RolloutEngine:
     def close(self) -> None:
         self.backend = None
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _sweep(tmp_root) -> None:
+    """Remove the TMPDIRs of engines whose process is gone (killed, or ended by ray.shutdown
+    without close): a dead process cannot clean up after itself."""
+    import psutil
+
+    for d in tmp_root.glob("rollout-*-*"):
+        pid = d.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)

@@ -165,3 +165,11 @@ def test_start_up_errors_name_the_cause(tmp_path, tiny_path):
         RolloutPool(RolloutConfig(cpus_per_engine=0.5), tmp_path, tiny_path)
     with pytest.raises(EngineStartError, match="less than requested memory for kv"):  # out of memory
         RolloutPool(RolloutConfig(kv_cache_gib=4000, cpus_per_engine=0.5), tiny_path)
+    # Engines that failed to start left no TMPDIR behind.
+    import psutil
+
+    from rayllm.env import cache_dir
+
+    left = [d.name for d in (cache_dir() / "tmp").glob("rollout-*")
+            if not psutil.pid_exists(int(d.name.rsplit("-", 1)[-1]))]
+    assert not left, left
