@@ -202,6 +202,10 @@ class RolloutConfig(Strict):
     cpus_per_engine: float = Field(1.0, gt=0)
     chunk_size: int = Field(8, ge=1)  # prompts per task: the unit of load balancing and requeueing
     sampling: SamplingConfig = SamplingConfig()
+    # How pushed weights travel: "collective" = policy rank 0 broadcasts buckets over a process
+    # group with the engines' workers (NCCL on GPU, gloo on CPU); "object_store" = through Ray's
+    # object store; "auto" = collective on GPU, object store on CPU (where it is as fast).
+    weight_transport: Literal["auto", "collective", "object_store"] = "auto"
     verify: bool = True  # compare engine and trainer log-probs on a probe batch after every push
     verify_tolerance: float | None = Field(None, gt=0)  # default: 1e-4 in fp32, 0.2 in bf16/fp16
     probe_rows: int = Field(4, ge=1)

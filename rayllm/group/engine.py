@@ -298,26 +298,77 @@ class RankEngine:
         m = self.engine.module
         return m.get_base_model() if hasattr(m, "get_base_model") else m
 
-    def full_state_dict(self, adapter_only: bool = False, bucket_bytes: int = 256 * 2**20) -> dict[str, torch.Tensor] | None:
-        """The whole state dict gathered from every rank (ZeRO-3 shards included) onto rank 0,
-        a bucket of parameters at a time so peak memory stays one bucket above the shard. Every
-        rank must call it; ranks other than 0 get None."""
+    def _gathered(self, adapter_only: bool = False, bucket_bytes: int = 256 * 2**20):
+        """Yield the full weights a bucket at a time, gathered from every rank (ZeRO-3 shards
+        included): [(name, tensor)] on rank 0, None elsewhere; persistent buffers come last.
+        Peak memory stays one bucket above the shard. Every rank must iterate it to the end."""
         module = self.engine.module
-        out: dict[str, torch.Tensor] = {}
         named = [(n, p) for n, p in module.named_parameters() if not adapter_only or "lora_" in n]
         for bucket in _buckets(named, bucket_bytes):
             sharded = [p for _, p in bucket if hasattr(p, "ds_id")]
             # One gather per bucket of parameters (not per parameter): far fewer collectives.
             with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None, enabled=bool(sharded)):
-                if self.rank == 0:
-                    for name, p in bucket:
-                        out[name] = p.detach().to("cpu", torch.float32).clone()
-        if not adapter_only and self.rank == 0:
+                yield [(name, p.detach()) for name, p in bucket] if self.rank == 0 else None
+        if not adapter_only:
             persistent = module.state_dict().keys()
-            for name, b in module.named_buffers():
-                if name in persistent:
-                    out[name] = b.detach().cpu().clone()
+            buffers = [(n, b.detach()) for n, b in module.named_buffers() if n in persistent]
+            if buffers:
+                yield buffers if self.rank == 0 else None
+
+    def full_state_dict(self, adapter_only: bool = False) -> dict[str, torch.Tensor] | None:
+        """The whole state dict, fp32 on CPU, on rank 0 (others get None); every rank must call it."""
+        out: dict[str, torch.Tensor] = {}
+        for bucket in self._gathered(adapter_only):
+            for name, t in bucket or ():
+                out[name] = t.to("cpu", torch.float32 if t.is_floating_point() else t.dtype).clone()
         return out if self.rank == 0 else None
+
+    def weight_meta(self) -> list[list[tuple[str, tuple[int, ...]]]]:
+        """The bucket layout `broadcast_weights` sends: names and full (unpartitioned) shapes."""
+        module = self.engine.module
+        shape = lambda p: tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)  # noqa: E731
+        meta = [[(n, shape(p)) for n, p in b] for b in _buckets(list(module.named_parameters()), 256 * 2**20)]
+        persistent = module.state_dict().keys()
+        buffers = [(n, tuple(b.shape)) for n, b in module.named_buffers() if n in persistent]
+        return meta + ([buffers] if buffers else [])
+
+    def channel_endpoint(self) -> dict:
+        """Where this rank (0) can host a weight channel: its address, a free port, the backend."""
+        import socket
+
+        from rayllm.rollout.transport import backend_for_device
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        import ray
+
+        return {"host": ray.util.get_node_ip_address(), "port": port, "backend": backend_for_device()}
+
+    def open_channel(self, spec_json: str) -> None:
+        """Rank 0 joins the weight channel to the rollout engines as its sender."""
+        import json
+
+        from rayllm.rollout.transport import Channel, ChannelSpec
+
+        self.close_channel()
+        self._channel = Channel(ChannelSpec(**json.loads(spec_json)), rank=0)
+
+    def close_channel(self) -> None:
+        if getattr(self, "_channel", None) is not None:
+            self._channel.close()
+        self._channel = None
+
+    def broadcast_weights(self) -> dict[str, float]:
+        """Gather the weights bucket by bucket (every rank) and broadcast each bucket from rank 0
+        over the weight channel as soon as it is gathered."""
+        import time
+
+        t, sent = time.perf_counter(), 0
+        for bucket in self._gathered():
+            if bucket is not None:
+                sent += self._channel.send([x for _, x in bucket])
+        return {"bytes": sent, "seconds": time.perf_counter() - t}
 
     def save_hf(self, path: str) -> None:
         """Hugging Face format: the full model, or only the adapter when LoRA is on. Rank 0

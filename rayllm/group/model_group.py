@@ -179,6 +179,21 @@ class ModelGroup:
         out = gather([w.put_state_dict.remote(adapter_only) for w in self.workers])  # all ranks gather
         return out[0][0]
 
+    # ---- weight channel to rollout engines (rayllm.rollout.transport) --------------------------
+    def channel_endpoint(self) -> dict:
+        return ray.get(self.workers[0].call.remote("channel_endpoint"))
+
+    def open_channel_ref(self, spec_json: str) -> ray.ObjectRef:
+        """Rank 0 joins the channel (returns at once; completes when every member has joined)."""
+        return self.workers[0].call.remote("open_channel", spec_json)
+
+    def weight_meta(self) -> list:
+        return ray.get(self.workers[0].call.remote("weight_meta"))
+
+    def broadcast_weights_refs(self) -> list[ray.ObjectRef]:
+        """Every rank gathers, rank 0 broadcasts on the channel; the engines must be receiving."""
+        return [w.call.remote("broadcast_weights") for w in self.workers]
+
     def param_stats(self) -> list[dict]:
         return self._all("param_stats")
 

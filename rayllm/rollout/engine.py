@@ -61,10 +61,21 @@ class RolloutEngine:
 
     def load_weights(self, state: dict, lora_scaling: float | None = None) -> float:
         """Load pushed weights (fetched from the object store by Ray); returns seconds taken."""
-        from rayllm.rollout.weights import to_checkpoint_format
-
         t = time.perf_counter()
-        self.backend.load_weights(to_checkpoint_format(state, lora_scaling))
+        self.backend.load_weights(state, lora_scaling)
+        return time.perf_counter() - t
+
+    def num_workers(self) -> int:
+        """Members this engine adds to the weight channel (its tensor-parallel workers)."""
+        return self.backend.num_workers
+
+    def open_channel(self, spec: dict, first_rank: int) -> list[int]:
+        return self.backend.open_channel(spec, first_rank)
+
+    def receive_weights(self, meta: list, lora_scaling: float | None = None) -> float:
+        """Receive a push on the collective channel and reload; returns seconds taken."""
+        t = time.perf_counter()
+        self.backend.receive(meta, lora_scaling)
         return time.perf_counter() - t
 
     def prompt_logprobs(self, rows: list[list[int]]) -> list[list[float]]:

@@ -21,6 +21,7 @@ class HFBackend:
         self.tok = load_tokenizer(tokenizer_path)
         self.eos = self.tok.eos_token_id
         self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos
+        self.num_workers = 1
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], first_index: int, s: SamplingConfig) -> list[Sample]:
@@ -69,7 +70,24 @@ class HFBackend:
             out.append(logp.gather(-1, ids[0, 1:, None]).squeeze(-1).cpu().tolist())
         return out
 
-    def load_weights(self, state: dict) -> None:
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
+    def load_weights(self, state: dict, lora_scaling: float | None = None) -> None:
+        from rayllm.rollout.weights import prepare_state
+
+        missing, unexpected = self.model.load_state_dict(prepare_state(state, lora_scaling), strict=False)
         if unexpected:
             raise ValueError(f"weights not in the model: {unexpected[:5]}")
+
+    def open_channel(self, spec: dict, first_rank: int) -> list[int]:
+        from rayllm.rollout.transport import Channel, ChannelSpec
+
+        self.close_channel()
+        self.channel = Channel(ChannelSpec(**spec), first_rank)
+        return [first_rank]
+
+    def receive(self, meta: list, lora_scaling: float | None = None) -> None:
+        self.load_weights(self.channel.recv_all(meta), lora_scaling)
+
+    def close_channel(self) -> None:
+        if getattr(self, "channel", None) is not None:
+            self.channel.close()
+        self.channel = None

@@ -7,14 +7,17 @@ A chunk whose engine dies is requeued to the others, and a replacement engine is
 the latest pushed weights) while they work. Each chunk's result is accepted once, so no prompt
 is lost or generated twice into a batch. Sampling seeds are per prompt, not per engine.
 
-Weights: rank 0 of the policy gathers the full state dict (ZeRO-3 shards included) into the
-object store; every engine fetches it from there (no copy through the driver) and reloads in
-place. Then each engine's teacher-forced log-probs on a fixed probe batch are compared with
+Weights travel one of two ways (`weight_transport`), chosen by device unless set: over a
+collective channel, where rank 0 of the policy broadcasts each gathered bucket to every engine
+worker (NCCL on GPU; gloo on CPU, which is how the path is tested without a GPU), or through the
+object store, where rank 0 puts the full state dict (ZeRO-3 shards included) and every engine
+fetches it (no copy through the driver). Either way the engine reloads in place. Then each engine's teacher-forced log-probs on a fixed probe batch are compared with
 the trainer's for the same tokens: a gap above tolerance raises SyncMismatch, naming the
 engine and the gap, instead of letting a run train on rollouts from stale or broken weights.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections import deque
@@ -28,6 +31,7 @@ from rayllm.config import LoraConfig, RolloutConfig, SamplingConfig
 from rayllm.env import cache_dir, has_cuda, worker_env
 from rayllm.rollout.engine import RolloutEngine
 from rayllm.rollout.sample import Sample
+from rayllm.group import gather
 
 _DEAD = (RayActorError, ActorDiedError, ActorUnavailableError)
 
@@ -49,6 +53,8 @@ class RolloutPool:
         self.cfg, self.name = cfg, name
         self.model_path, self.tokenizer_path = str(model_path), str(tokenizer_path or model_path)
         self._weights: tuple[ray.ObjectRef, float | None] | None = None  # latest push, for restarts
+        self._source: tuple[object, float | None] | None = None  # (policy group, LoRA scaling) of it
+        self._channel_key: tuple | None = None  # (group, engine handles) the open channel joins
         self.restarts = 0
         self.requeued = 0
         self._probe_rows: list[list[int]] | None = None
@@ -68,6 +74,9 @@ class RolloutPool:
         ).remote(i, self.model_path, self.tokenizer_path, self.cfg.model_dump_json())
         self.engines[i] = handle
         ready = handle.info.remote()
+        if self._weights is None and self._source is not None:  # last push was collective
+            group, scaling = self._source
+            self._weights = (group.full_state_dict_ref(), scaling)
         if self._weights is not None:  # a replacement starts from the latest pushed weights
             ref, scaling = self._weights
             ready = _after(handle.load_weights.remote(ref, scaling), handle)
@@ -159,17 +168,25 @@ class RolloutPool:
         return [x for start in sorted(done) for x in done[start]]
 
     # ---- weights ------------------------------------------------------------------------------
+    @property
+    def transport(self) -> str:
+        t = self.cfg.weight_transport
+        return ("collective" if has_cuda() else "object_store") if t == "auto" else t
+
     def sync(self, group, lora: LoraConfig | None = None) -> dict[str, float]:
         """Push the policy's current weights into every engine, then verify them. Returns the
         seconds taken by the gather, the push and the verification, and the largest gap.
 
-        The trainer computes its probe log-probs while the engines load (the ranks are idle
+        The trainer computes its probe log-probs while the engines reload (the ranks are idle
         then), and the engines compute theirs in parallel, so verification adds little more
         than one engine forward to the push."""
+        scaling = lora.alpha / lora.r if lora is not None and lora.enabled else None
+        self._source = (group, scaling)
+        if self.transport == "collective":
+            return self._sync_collective(group, scaling)
         t0 = time.perf_counter()
         ref = group.full_state_dict_ref()
         t1 = time.perf_counter()
-        scaling = lora.alpha / lora.r if lora is not None and lora.enabled else None
         self._weights = (ref, scaling)
         alive = self._alive()
         loads = [self.engines[i].load_weights.remote(ref, scaling) for i in alive]
@@ -180,12 +197,59 @@ class RolloutPool:
         except _DEAD as e:
             raise RuntimeError(f"{self.name}: an engine died while loading weights: {_cause(e)}") from None
         t3 = time.perf_counter()
-        out = {"gather_s": t1 - t0, "push_s": t3 - t1, "engines": len(alive)}
+        out = {"transport": "object_store", "gather_s": t1 - t0, "push_s": t3 - t1, "engines": len(alive)}
+        return self._verified(out, want, t2 - t1, t3)
+
+    def _sync_collective(self, group, scaling: float | None) -> dict[str, float]:
+        t0 = time.perf_counter()
+        alive = self._alive()
+        self._ensure_channel(group, alive)
+        meta = group.weight_meta()
+        t1 = time.perf_counter()
+        self._weights = None  # a replacement engine fetches the weights from the group itself
+        sends = group.broadcast_weights_refs()
+        recvs = {self.engines[i].receive_weights.remote(meta, scaling): i for i in alive}
+        pending, waiting = sends + list(recvs), set(sends)
+        try:
+            while waiting:  # fail at once on any error rather than wait on a dead peer
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done)
+                waiting -= set(done)
+            t2 = time.perf_counter()
+            want = self._trainer_probe(group) if self.cfg.verify else None  # ranks free, engines reloading
+            t3 = time.perf_counter()
+            ray.get(pending)
+        except _DEAD as e:
+            self._channel_key = None  # re-formed with the live engines at the next push
+            raise RuntimeError(f"{self.name}: an engine died while receiving weights: {_cause(e)}") from None
+        t4 = time.perf_counter()
+        out = {"transport": "collective", "channel_s": t1 - t0, "gather_s": 0.0, "push_s": t4 - t1,
+               "broadcast_s": t2 - t1, "engines": len(alive)}
+        return self._verified(out, want, t3 - t2, t4)
+
+    def _verified(self, out: dict, want, probe_s: float, t_loaded: float) -> dict:
         if want is not None:
             out["max_gap"] = self._compare(want)
-            out["verify_s"] = time.perf_counter() - t3
-            out["trainer_probe_s"] = t2 - t1  # overlapped with the push
+            out["verify_s"] = time.perf_counter() - t_loaded
+            out["trainer_probe_s"] = probe_s  # overlapped with the engines' reload
         return out
+
+    def _ensure_channel(self, group, alive: list[int]) -> None:
+        """(Re)form the weight channel when the policy group or the set of engines changed."""
+        key = (id(group), tuple(id(self.engines[i]) for i in alive))
+        if key == self._channel_key:
+            return
+        workers = ray.get([self.engines[i].num_workers.remote() for i in alive])
+        ep = group.channel_endpoint()
+        spec = {"host": ep["host"], "port": ep["port"], "backend": ep["backend"],
+                "world_size": 1 + sum(workers), "wire_dtype": self.cfg.dtype}
+        firsts = np.cumsum([1] + workers[:-1]).tolist()
+        try:
+            gather([group.open_channel_ref(json.dumps(spec))] +
+                   [self.engines[i].open_channel.remote(spec, f) for i, f in zip(alive, firsts)], timeout_s=180)
+        except _DEAD as e:
+            raise RuntimeError(f"{self.name}: an engine died while joining the weight channel: {_cause(e)}") from None
+        self._channel_key = key
 
     def probe(self, vocab_size: int | None = None) -> list[list[int]]:
         """The fixed probe batch: random token ids (the same every time) across the vocabulary."""

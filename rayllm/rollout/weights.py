@@ -12,6 +12,18 @@ import torch
 _PEFT_PREFIX = "base_model.model."
 
 
+def prepare_state(state: dict[str, torch.Tensor], lora_scaling: float | None = None,
+                  tied: bool = False) -> dict[str, torch.Tensor]:
+    """What an engine reloads from a pushed state dict, whichever transport brought it: LoRA
+    merged, and for a model with tied embeddings the output head handed over explicitly (vLLM's
+    reload re-creates the embedding but left the tied head on the old tensor: the verification
+    probe caught a 2.1-nat gap)."""
+    state = to_checkpoint_format(state, lora_scaling)
+    if tied and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
+    return state
+
+
 def to_checkpoint_format(state: dict[str, torch.Tensor], lora_scaling: float | None = None) -> dict[str, torch.Tensor]:
     if not any(k.startswith(_PEFT_PREFIX) for k in state):
         return state

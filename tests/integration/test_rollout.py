@@ -50,6 +50,15 @@ def pool(tiny_path):
     p.shutdown()
 
 
+@pytest.fixture(scope="module")
+def cpool(tiny_path):
+    """Engines fed over the collective channel (gloo here, NCCL on GPU)."""
+    p = RolloutPool(RolloutConfig(num_engines=2, chunk_size=2, cpus_per_engine=0.25, weight_transport="collective"),
+                    tiny_path, name="cpool")
+    yield p
+    p.shutdown()
+
+
 def test_sampled_logprobs_match_the_trainer_in_fp32(policy, pool):
     s = SamplingConfig(n=2, temperature=0.7, top_p=1.0, max_tokens=10, seed=3)
     out = pool.generate(PROMPTS, s)
@@ -113,6 +122,31 @@ def ray_randn_like(t):
     return torch.randn(t.shape, generator=torch.Generator().manual_seed(0))
 
 
+def test_collective_transport_pushes_the_same_weights(policy, pool, cpool):
+    _train(policy, steps=2)
+    r_obj, r_col = pool.sync(policy), cpool.sync(policy)
+    assert r_col["transport"] == "collective" and r_obj["transport"] == "object_store"
+    assert r_col["max_gap"] < 1e-4 and r_col["engines"] == 2
+    assert [x.response_ids for x in cpool.generate(PROMPTS, GREEDY)] == \
+        [x.response_ids for x in pool.generate(PROMPTS, GREEDY)]
+    # An engine dies: its replacement starts from the policy's current weights (fetched from
+    # the group), and the next push re-forms the channel with it and is verified.
+    ray.get(cpool.engines[0].die_after.remote(0))
+    out = cpool.generate(PROMPTS, GREEDY)
+    assert sorted(x.prompt_index for x in out) == list(range(len(PROMPTS)))
+    cpool._wait_started(300)
+    assert cpool.verify(policy) < 1e-4
+    _train(policy, steps=1)
+    assert cpool.sync(policy)["max_gap"] < 1e-4
+    # A corrupted broadcast is caught like any other bad push.
+    state = policy.full_state_dict()
+    bad = {k: (v + 0.05 * ray_randn_like(v) if "layers.1.mlp.down_proj" in k else v) for k, v in state.items()}
+    ray.get(cpool.engines[1].load_weights.remote(bad))
+    with pytest.raises(SyncMismatch, match="engine 1"):
+        cpool.verify(policy)
+    cpool.sync(policy)
+
+
 def test_killed_engine_mid_batch_loses_no_prompt(pool):
     prompts = [[5 + i % 50, 6, 7 + i % 3] for i in range(24)]
     ray.get(pool.engines[0].die_after.remote(1))  # dies on its second chunk, mid-batch
@@ -126,12 +160,13 @@ def test_killed_engine_mid_batch_loses_no_prompt(pool):
     assert len(pool._alive()) == 2
 
 
-def test_lora_adapter_arrives_merged(tiny_path, pool):
+def test_lora_adapter_arrives_merged(tiny_path, pool, cpool):
     g = _policy(tiny_path, lora=True)
     try:
         _train(g, steps=2)  # lora_B starts at zero: train so the adapter changes the model
         report = pool.sync(g, LoraConfig(enabled=True, r=4, alpha=8))
         assert report["max_gap"] < 1e-4, report
+        assert cpool.sync(g, LoraConfig(enabled=True, r=4, alpha=8))["max_gap"] < 1e-4
         # The same push without the adapter (base weights only) is caught: the probe sees the
         # adapter's effect, so a lost adapter cannot go unnoticed.
         base_only = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v
@@ -145,9 +180,10 @@ def test_lora_adapter_arrives_merged(tiny_path, pool):
 
 def test_hf_fallback_engine_gives_vllm_greedy_outputs(policy, pool, tiny_path):
     pool.sync(policy)
-    hf_pool = RolloutPool(RolloutConfig(backend="hf", num_engines=1, chunk_size=3, cpus_per_engine=0.5), tiny_path)
+    hf_pool = RolloutPool(RolloutConfig(backend="hf", num_engines=1, chunk_size=3, cpus_per_engine=0.5,
+                                        weight_transport="collective"), tiny_path)
     try:
-        hf_pool.sync(policy)
+        assert hf_pool.sync(policy)["transport"] == "collective"
         a, b = pool.generate(PROMPTS, GREEDY), hf_pool.generate(PROMPTS, GREEDY)
         assert [x.response_ids for x in a] == [x.response_ids for x in b]
         assert max(float(np.max(np.abs(np.asarray(x.logprobs) - np.asarray(y.logprobs)))) for x, y in zip(a, b)) < 1e-4
