@@ -1,6 +1,12 @@
 """rayllm: SFT -> reward model -> PPO on Ray, each model role a sharded DeepSpeed group."""
 from rayllm.config import (
+    PPO,
     SFT,
+    PPOAlgoConfig,
+    PPOTrainConfig,
+    PreferenceDataConfig,
+    PromptDataConfig,
+    RewardModel,
     GroupConfig,
     LoraConfig,
     ModelConfig,
@@ -16,6 +22,12 @@ from rayllm.config import (
 )
 
 __all__ = [
+    "PPO",
+    "PPOAlgoConfig",
+    "PPOTrainConfig",
+    "PreferenceDataConfig",
+    "PromptDataConfig",
+    "RewardModel",
     "SFT",
     "GroupConfig",
     "LoraConfig",

@@ -185,6 +185,7 @@ class SamplingConfig(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(64, ge=1)
     stop: list[str] = []
+    ignore_eos: bool = False  # generate max_tokens every time (benchmarks: equal work per sample)
     seed: int = 0
 
 
@@ -239,7 +240,146 @@ class SFT(Strict):
         return self
 
 
-Stage = Annotated[Union[SFT], Field(discriminator="kind")]
+class PreferenceDataConfig(Strict):
+    """Preference pairs: `source` is a JSONL file of {prompt, chosen, rejected} records (field
+    names below), or "bundled:<task>" for pairs derived from a bundled task's ground truth (the
+    correct response against a wrong one)."""
+
+    source: str = "bundled:arithmetic"
+    num_examples: int = Field(2048, ge=2)  # pairs, for bundled tasks
+    prompt_field: str = "prompt"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    max_length: int = Field(128, ge=8)  # prompt + response tokens; longer pairs are truncated
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _source_exists(self):
+        if not self.source.startswith("bundled:") and not Path(self.source).is_file():
+            raise ValueError(f"data.source {self.source!r} does not exist")
+        return self
+
+
+class RewardModel(Strict):
+    """Reward-model stage: a scalar head trained with the pairwise Bradley-Terry loss.
+
+    `model` unset: the previous SFT stage's model with a fresh scalar head. `train.global_batch_size`
+    counts pairs; a micro-batch of `group.micro_batch_size` rows holds half as many pairs."""
+
+    kind: Literal["reward"] = "reward"
+    name: str = "reward"
+    model: ModelConfig | None = None
+    group: GroupConfig = GroupConfig()
+    data: PreferenceDataConfig = PreferenceDataConfig()
+    train: TrainConfig = TrainConfig()
+    margin: float = 0.0
+
+    @model_validator(mode="after")
+    def _pairs_fit(self):
+        g, m, n = self.train.global_batch_size, self.group.micro_batch_size, self.group.num_ranks
+        if m % 2:
+            raise ValueError(f"group.micro_batch_size ({m}) must be even: each micro-batch holds whole pairs")
+        if (2 * g) % (m * n):
+            raise ValueError(f"2 x train.global_batch_size ({2 * g} rows) must be a multiple of "
+                             f"group.micro_batch_size ({m}) x group.num_ranks ({n})")
+        return self
+
+
+class PromptDataConfig(Strict):
+    """PPO prompts: a JSONL file with a `prompt_field` (extra fields, e.g. a ground-truth answer,
+    are passed to the reward and score functions), or "bundled:<task>"."""
+
+    source: str = "bundled:arithmetic"
+    num_prompts: int = Field(4096, ge=1)  # for bundled tasks
+    prompt_field: str = "prompt"
+    eval_prompts: int = Field(128, ge=0)  # held out, never trained on: the ground-truth evaluation
+    max_prompt_length: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _source_exists(self):
+        if not self.source.startswith("bundled:") and not Path(self.source).is_file():
+            raise ValueError(f"data.source {self.source!r} does not exist")
+        return self
+
+
+class PPOAlgoConfig(Strict):
+    """Advantages, KL control and losses. `advantage`: "gae" needs the critic; "grpo", "rloo" and
+    "reinforce_pp" are critic-free (no critic group is started)."""
+
+    advantage: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    whiten_advantages: bool = True
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_coef: float = Field(0.05, ge=0)
+    kl_target: float | None = Field(None, gt=0)  # set: adaptive coefficient steering KL to this
+    kl_horizon: int = Field(10000, ge=1)
+    clip_eps: float = Field(0.2, gt=0)
+    dual_clip: float | None = Field(None, gt=1)
+    value_clip: float | None = Field(0.2, gt=0)
+    entropy_coef: float = Field(0.0, ge=0)
+    reward_normalize: bool = False  # running mean/std of scores
+    reward_clip: float | None = Field(None, gt=0)
+    tis_cap: float | None = Field(2.0, gt=0)  # truncated IS weight cap for the engine/trainer gap; None: off
+    ppo_epochs: int = Field(1, ge=1)
+    mini_batch_size: int = Field(32, ge=1)  # samples per optimizer step, whole world
+
+
+class PPOTrainConfig(Strict):
+    iterations: int = Field(20, ge=1)  # rollout batches
+    rollout_batch_size: int = Field(32, ge=1)  # prompts per iteration (x sampling.n samples)
+    eval_every: int = Field(0, ge=0)  # iterations; 0: before and after only
+
+
+def _frozen_group() -> GroupConfig:
+    return GroupConfig(zero_stage=0, micro_batch_size=8)
+
+
+class PPO(Strict):
+    """PPO on four model groups: policy and critic (trainable), reference and reward (frozen).
+
+    Unset models come from earlier stages: the policy and reference from the last SFT stage, the
+    reward model from the last reward stage, the critic from the reward model's weights (or, with
+    a rule-based `reward_fn`, the policy trunk with a fresh head)."""
+
+    kind: Literal["ppo"] = "ppo"
+    name: str = "ppo"
+    policy_model: ModelConfig | None = None
+    reward_model: ModelConfig | None = None
+    critic_model: ModelConfig | None = None
+    reward_fn: str | None = None  # "module:function" / "file.py:function": fn(response, record) -> float
+    score_fn: str | None = None  # ground truth for evaluation; default: the bundled task's checker
+    policy: GroupConfig = GroupConfig()
+    critic: GroupConfig = GroupConfig()
+    reference: GroupConfig = Field(default_factory=_frozen_group)
+    reward: GroupConfig = Field(default_factory=_frozen_group)
+    rollout: RolloutConfig = RolloutConfig()
+    data: PromptDataConfig = PromptDataConfig()
+    algo: PPOAlgoConfig = PPOAlgoConfig()
+    train: PPOTrainConfig = PPOTrainConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        for role in ("reference", "reward"):
+            if getattr(self, role).zero_stage in (1, 2):
+                raise ValueError(f"{role}.zero_stage must be 0 or 3 (a frozen model has no optimizer states "
+                                 f"to shard), got {getattr(self, role).zero_stage}")
+        roles = {"policy", "critic", "reference", "reward"}
+        for role in roles:
+            other = getattr(self, role).colocate_with
+            if other is not None and (other not in roles or other == role):
+                raise ValueError(f"{role}.colocate_with must name another of {sorted(roles)}, got {other!r}")
+        n = self.train.rollout_batch_size * self.rollout.sampling.n
+        if n % self.algo.mini_batch_size:
+            raise ValueError(f"rollout_batch_size x sampling.n ({n} samples) must be a multiple of "
+                             f"algo.mini_batch_size ({self.algo.mini_batch_size})")
+        if self.algo.advantage in ("grpo", "rloo") and self.rollout.sampling.n < 2:
+            raise ValueError(f"algo.advantage {self.algo.advantage!r} compares samples of a prompt: "
+                             "rollout.sampling.n must be at least 2")
+        return self
+
+
+Stage = Annotated[Union[SFT, RewardModel, PPO], Field(discriminator="kind")]
 
 
 class RayConfig(Strict):

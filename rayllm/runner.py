@@ -1,7 +1,9 @@
 """Run a Pipeline: start or join Ray, run each stage in order, write summary, report and plots.
 
-A stage whose output exists and whose config hash matches is skipped, so rerunning a pipeline
-after a failure picks up where it stopped.
+Each stage consumes the models of the stages before it (`artifacts`: the model directory of the
+last finished stage of each kind). A stage whose output exists and whose hash matches is
+skipped, so rerunning a pipeline after a failure picks up where it stopped; the hash covers the
+stage's config and those of every stage before it, so a changed SFT stage reruns what follows.
 """
 from __future__ import annotations
 
@@ -32,8 +34,25 @@ def start_ray(c) -> None:
         ray.init(num_cpus=c.num_cpus, object_store_memory=c.object_store_memory, **kw)
 
 
-def _stage_hash(stage) -> str:
-    return hashlib.sha256(stage.model_dump_json().encode()).hexdigest()[:16]
+def _stage_hash(stage, upstream: list[str]) -> str:
+    text = stage.model_dump_json() + "".join(upstream)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_stage(stage, sdir: Path, seed: int, artifacts: dict[str, str], metrics_path: Path, progress: bool) -> dict:
+    if stage.kind == "sft":
+        from rayllm.trainer.sft import run_sft
+
+        return run_sft(stage, sdir, seed, metrics_path=metrics_path, progress=progress)
+    if stage.kind == "reward":
+        from rayllm.trainer.reward import run_reward
+
+        return run_reward(stage, sdir, seed, artifacts, metrics_path=metrics_path, progress=progress)
+    if stage.kind == "ppo":
+        from rayllm.trainer.ppo import run_ppo
+
+        return run_ppo(stage, sdir, seed, artifacts, metrics_path=metrics_path, progress=progress)
+    raise ValueError(f"unknown stage kind {stage.kind!r}")  # pragma: no cover - the config's union guards
 
 
 def run_pipeline(pipe: Pipeline, progress: bool = True) -> dict:
@@ -43,26 +62,23 @@ def run_pipeline(pipe: Pipeline, progress: bool = True) -> dict:
     write_json_atomic(out / "pipeline.json", pipe.model_dump(mode="json"))
     ensure_ray(pipe)
     from rayllm.report import write_report
-    from rayllm.trainer.sft import run_sft
 
     t0 = time.time()
-    summaries = []
+    summaries, artifacts, upstream = [], {}, []
     for stage in pipe.stages:
         sdir = out / stage.name
         done = sdir / "DONE.json"
-        h = _stage_hash(stage)
+        h = _stage_hash(stage, upstream)
         if done.is_file() and json.loads(done.read_text()).get("config_hash") == h:
-            prev = json.loads(done.read_text())["summary"]
+            s = {**json.loads(done.read_text())["summary"], "skipped": True}
             print(f"[rayllm] {stage.name}: finished earlier with the same config, skipped")
-            summaries.append({**prev, "skipped": True})
-            continue
-        print(f"[rayllm] {stage.name}: starting ({stage.kind})")
-        if stage.kind == "sft":
-            s = run_sft(stage, sdir, pipe.seed, metrics_path=out / "metrics.jsonl", progress=progress)
-        else:  # pragma: no cover - guarded by the config's discriminated union
-            raise ValueError(f"unknown stage kind {stage.kind!r}")
-        write_json_atomic(done, {"config_hash": h, "summary": s})
+        else:
+            print(f"[rayllm] {stage.name}: starting ({stage.kind})")
+            s = run_stage(stage, sdir, pipe.seed, artifacts, out / "metrics.jsonl", progress)
+            write_json_atomic(done, {"config_hash": h, "summary": s})
         summaries.append(s)
+        artifacts[stage.kind] = s["model"]
+        upstream.append(h)
     summary = {"pipeline": pipe.name, "run_dir": str(out), "wall_time_s": time.time() - t0, "stages": summaries}
     write_json_atomic(out / "summary.json", summary)
     report = write_report(out, summary)
@@ -76,4 +92,12 @@ def _print_summary(summary: dict, report: Path) -> None:
         if "eval_loss_final" in s:
             print(f"  {s['stage']}: eval loss {s['eval_loss_initial']:.3f} -> {s['eval_loss_final']:.3f} "
                   f"over {s['steps']} steps on {s['num_ranks']} rank(s), ZeRO-{s['zero_stage']}; model at {s['model']}")
+        if "eval_accuracy_final" in s:
+            print(f"  {s['stage']}: held-out pairwise accuracy {s['eval_accuracy_initial']:.3f} -> "
+                  f"{s['eval_accuracy_final']:.3f} over {s['steps']} steps; model at {s['model']}")
+        if "ground_truth_final" in s:
+            print(f"  {s['stage']}: ground-truth score on {s['eval_prompts']} held-out prompts "
+                  f"{s['ground_truth_initial']:.3f} (SFT policy) -> {s['ground_truth_final']:.3f} (PPO policy) "
+                  f"over {s['iterations']} iterations; reward {s['reward_initial']:.3f} -> {s['reward_final']:.3f}; "
+                  f"model at {s['model']}")
     print(f"  report: {report}")

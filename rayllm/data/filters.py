@@ -10,42 +10,19 @@ Two heuristics from the Gopher quality rules (Rae et al., 2021) are bundled as e
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import Callable
-from functools import lru_cache
-from pathlib import Path
+
+from rayllm.hooks import HookError, load_hook
 
 Filter = Callable[[str, dict], "bool | str | None"]
 
 
-class FilterError(ValueError):
+class FilterError(HookError):
     """A filter that cannot be loaded; the message names it."""
 
 
-@lru_cache(maxsize=None)
 def load_filter(spec: str) -> Filter:
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
-        raise FilterError(f"filter {spec!r}: expected 'module:function' or 'file.py:function'")
-    try:
-        if target.endswith(".py"):
-            path = Path(target)
-            if not path.is_file():
-                raise FilterError(f"filter {spec!r}: no file {target}")
-            mod_spec = importlib.util.spec_from_file_location(f"rayllm_filter_{path.stem}", path)
-            module = importlib.util.module_from_spec(mod_spec)
-            mod_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
-    except FilterError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any import failure, named
-        raise FilterError(f"filter {spec!r}: cannot import {target} ({type(e).__name__}: {e})") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise FilterError(f"filter {spec!r}: {target} has no function {name!r}")
-    return fn
+    return load_hook(spec, "filter", FilterError)
 
 
 def apply_filters(specs: list[str], text: str, record: dict) -> str | None:

@@ -32,7 +32,33 @@ def arithmetic_correct(response: str, answer: int) -> bool:
     return bool(nums) and int(nums[-1]) == answer
 
 
+def arithmetic_score(response: str, record: dict) -> float:
+    """Ground truth of a response: 1.0 if it ends with the right answer, else 0.0."""
+    return float(arithmetic_correct(response, int(record["answer"])))
+
+
+def arithmetic_wrong_response(record: dict, rng: random.Random) -> str:
+    """A plausible wrong answer: the right expression with a near-miss result (off by 1-10, a
+    digit swap, or the wrong operation), the mistakes a small model makes."""
+    a, op, b = record["prompt"].removeprefix("What is ").removesuffix("?").split()
+    right = int(record["answer"])
+    kind = rng.random()
+    if kind < 0.6:
+        wrong = right + rng.choice([-1, 1]) * rng.randint(1, 10)
+    elif kind < 0.8 and len(str(abs(right))) > 1:
+        digits = str(abs(right))
+        wrong = int(("-" if right < 0 else "") + digits[::-1])
+    else:
+        other = "-" if op == "+" else "+"  # a product of two-digit numbers would be no near miss
+        wrong = _OPS[other](int(a), int(b))
+    if wrong == right:
+        wrong = right + 1
+    return f"{a} {op} {b} = {wrong}"
+
+
 BUNDLED = {"arithmetic": arithmetic}
+SCORERS = {"arithmetic": arithmetic_score}
+WRONG = {"arithmetic": arithmetic_wrong_response}
 
 
 def bundled(name: str, n: int, seed: int = 0) -> list[dict]:

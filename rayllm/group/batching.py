@@ -29,6 +29,13 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         if "loss_mask" in r:
             loss[i, :n] = torch.as_tensor(r["loss_mask"])
     out = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+    for key in rows[0].keys() - {"input_ids", "loss_mask", "position_ids"}:
+        # Per-target values (PPO's old log-probs, advantages, ...): [B, T-1], aligned with
+        # input_ids[:, 1:], zero past each row's end.
+        vals = torch.zeros((len(rows), T - 1), dtype=torch.float32)
+        for i, r in enumerate(rows):
+            vals[i, : len(r[key])] = torch.as_tensor(r[key], dtype=torch.float32)
+        out[key] = vals
     if "position_ids" in rows[0]:
         # Packed rows: documents are told apart by positions restarting at 0; right padding
         # continues as one more such "document", so nothing real attends to it.

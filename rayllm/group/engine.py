@@ -21,6 +21,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from rayllm.algorithms import sft_loss  # noqa: E402
+from rayllm.group.losses import LOSSES  # noqa: E402
 from rayllm.config import GroupConfig  # noqa: E402
 from rayllm.group.batching import materialize  # noqa: E402
 from rayllm.group.ds_config import bytes_per_rank, deepspeed_config  # noqa: E402
@@ -224,16 +225,35 @@ class RankEngine:
             return self.engine(input_ids=mb["input_ids"], position_ids=mb["position_ids"], use_cache=False).logits
         return self.engine(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False).logits
 
-    def train_step(self, micro_batches: list[dict], global_tokens: int | None, loss: str = "sft") -> dict[str, Any]:
+    def _values(self, mb: dict) -> torch.Tensor:
+        """Per-token values of a critic (a sequence-classification model): its scalar head on
+        every position, [B, T-1], the value of the state before each target token. The head's
+        per-token output is caught by a hook during the ordinary forward, before the model pools
+        it to the last token, so ZeRO-3 and LoRA wrap the forward as usual."""
+        head = self._base_model().score
+        caught = []
+        handle = head.register_forward_hook(lambda _m, _i, out: caught.append(out))
+        try:
+            self._logits(mb)
+        finally:
+            handle.remove()
+        return caught[0][:, :-1, 0].float()
+
+    def train_step(self, micro_batches: list[dict], global_tokens: int | None, loss: str = "sft",
+                   **loss_kwargs) -> dict[str, Any]:
         """One optimizer step over this rank's micro-batches.
 
         DeepSpeed averages gradients over ranks (divides by world size), so each micro-batch's
         summed loss is scaled by world_size / global_tokens: the update is then exactly that of
-        the mean loss over every target token of the global batch. Rows sent by reference reach
-        the driver unread, so then global_tokens is None and the ranks sum their counts.
+        the mean loss over every counted unit (target token, or pair) of the global batch. Rows
+        sent by reference reach the driver unread, so then global_tokens is None and the ranks
+        sum their counts of target tokens.
         """
         if not self.trainable:
             raise RuntimeError(f"group {self.name!r} is frozen and cannot train")
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; known: {sorted(LOSSES)}")
+        fn = LOSSES[loss]
         self.engine.train()
         micro_batches = [self._to_device(mb) for mb in micro_batches]
         if global_tokens is None:
@@ -241,14 +261,14 @@ class RankEngine:
             if dist.is_initialized():
                 dist.all_reduce(n)
             global_tokens = int(n.item())
-        loss_sum, tokens = 0.0, 0
+        loss_sum, tokens, stats = 0.0, 0, {}
         scale = self.world_size / max(1, global_tokens)
         for mb in micro_batches:
-            if loss != "sft":
-                raise ValueError(f"unknown loss {loss!r}")
-            s, n = sft_loss(self._logits(mb), mb["input_ids"], mb["loss_mask"])
+            s, n, extra = fn(self, mb, **loss_kwargs)
             self.engine.backward(s * scale, scale_wrt_gas=False)
             loss_sum, tokens = loss_sum + s.item(), tokens + n
+            for k, v in extra.items():
+                stats[k] = stats.get(k, 0.0) + float(v)
         grad_norm = None
         if self.cfg.zero_stage == 0 and self.cfg.precision.dtype == "fp32":
             # DeepSpeed records the norm only on its ZeRO/mixed-precision paths.
@@ -259,7 +279,7 @@ class RankEngine:
         overflow = bool(getattr(self.engine.optimizer, "overflow", False))
         grad_norm = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
         out = {
-            "loss_sum": loss_sum, "tokens": tokens, "skipped": overflow,
+            "loss_sum": loss_sum, "tokens": tokens, "skipped": overflow, "stats": stats,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": self.engine.get_lr()[0],
         }
@@ -292,6 +312,19 @@ class RankEngine:
             logits = self._logits(mb)[:, :-1].float()
             out.append(token_logprobs(logits / t if t != 1.0 else logits, mb["input_ids"][:, 1:]).cpu())
         return out
+
+    @torch.no_grad()
+    def values(self, micro_batches: list[dict]) -> list[torch.Tensor]:
+        """Critic values per micro-batch, [B, T-1] each (see _values)."""
+        self.engine.eval()
+        return [self._values(self._to_device(mb)).cpu() for mb in micro_batches]
+
+    @torch.no_grad()
+    def scores(self, micro_batches: list[dict]) -> list[torch.Tensor]:
+        """Reward-model scores per micro-batch, [B] each: the scalar head at each row's last
+        non-padding token (the model's own pooling)."""
+        self.engine.eval()
+        return [self._logits(self._to_device(mb)).float().squeeze(-1).cpu() for mb in micro_batches]
 
     # ---- state --------------------------------------------------------------------------------
     def _base_model(self):

@@ -116,23 +116,24 @@ class ModelGroup:
         return gather([w.call.remote(method, *a, **kwargs) for w, a in zip(self.workers, args)])
 
     # ---- compute ------------------------------------------------------------------------------
-    def train_step(self, rows: list[dict] | RowRefs, loss: str = "sft") -> dict:
-        """One optimizer step on a global batch: rows of token lists with loss masks, or
-        references to rows of a packed dataset that the ranks read themselves."""
+    def train_step(self, rows: list[dict] | RowRefs, loss: str = "sft", global_count: int | None = None,
+                   **loss_kwargs) -> dict:
+        """One optimizer step on a global batch: rows of token lists with loss masks (and, for
+        the PPO losses, per-target fields), or references to rows of a packed dataset that the
+        ranks read themselves. `global_count` is what the loss is a mean over (default: the
+        batch's target tokens; pairs for "pairwise")."""
+        return self.train_step_async(rows, loss, global_count, **loss_kwargs).result()
+
+    def train_step_async(self, rows: list[dict] | RowRefs, loss: str = "sft", global_count: int | None = None,
+                         **loss_kwargs) -> "Pending":
+        """train_step started on the ranks; `.result()` waits. Lets two groups (policy and
+        critic) train at once."""
         shards = batching.plan(rows, self.world_size, self.cfg.micro_batch_size, self.pad_id)
-        known = None if isinstance(rows, RowRefs) else batching.count_loss_tokens(rows)
-        res = self._all("train_step", [(s, known) for s in shards], loss=loss)
-        tokens = sum(r["tokens"] for r in res)
-        out = {
-            "loss": sum(r["loss_sum"] for r in res) / max(1, tokens),
-            "tokens": tokens,
-            "grad_norm": res[0]["grad_norm"],
-            "lr": res[0]["lr"],
-            "skipped": any(r["skipped"] for r in res),
-        }
-        if "loss_scale" in res[0]:
-            out["loss_scale"] = res[0]["loss_scale"]
-        return out
+        if global_count is None and not isinstance(rows, RowRefs):
+            global_count = batching.count_loss_tokens(rows)
+        refs = [w.call.remote("train_step", s, global_count, loss=loss, **loss_kwargs)
+                for w, s in zip(self.workers, shards)]
+        return Pending(refs, _merge_steps)
 
     def eval_loss(self, rows: list[dict] | RowRefs) -> float:
         shards = batching.plan(rows, self.world_size, self.cfg.micro_batch_size, self.pad_id)
@@ -142,12 +143,30 @@ class ModelGroup:
     def logprobs(self, rows: list[dict], temperature: float = 1.0) -> list:
         """Per-row next-token log-probs (length len(input_ids) - 1), in the order given, under
         softmax(logits / temperature): the footing of the rollout engines' log-probs."""
-        m = self.cfg.micro_batch_size
-        shards = batching.plan(rows, self.world_size, m, self.pad_id)
-        res = self._all("logprobs", [(s,) for s in shards], temperature=temperature)
-        flat = [row for rank_out, shard in zip(res, shards) for t, mb in zip(rank_out, shard)
-                if not mb.get("filler") for row in t]
-        return [flat[i][: len(r["input_ids"]) - 1] for i, r in enumerate(rows)]
+        return self.forward_async("logprobs", rows, temperature=temperature).result()
+
+    def values(self, rows: list[dict]) -> list:
+        """Per-row critic values (length len(input_ids) - 1), aligned with the targets."""
+        return self.forward_async("values", rows).result()
+
+    def scores(self, rows: list[dict]) -> list[float]:
+        """Per-row reward-model scores."""
+        return self.forward_async("scores", rows).result()
+
+    def forward_async(self, method: str, rows: list[dict], **kwargs) -> "Pending":
+        """A forward-only rank method over rows, started on every rank; `.result()` gives its
+        per-row outputs in the order given (trimmed to each row's length for per-token ones)."""
+        shards = batching.plan(rows, self.world_size, self.cfg.micro_batch_size, self.pad_id)
+        refs = [w.call.remote(method, s, **kwargs) for w, s in zip(self.workers, shards)]
+
+        def per_row(res: list) -> list:
+            flat = [row for rank_out, shard in zip(res, shards) for t, mb in zip(rank_out, shard)
+                    if not mb.get("filler") for row in t]
+            if method == "scores":
+                return [float(x) for x in flat[: len(rows)]]
+            return [flat[i][: len(r["input_ids"]) - 1] for i, r in enumerate(rows)]
+
+        return Pending(refs, per_row)
 
     # ---- state --------------------------------------------------------------------------------
     def save_hf(self, path: str | Path) -> Path:
@@ -211,6 +230,33 @@ class ModelGroup:
             release_shm(addr, port)
         if self._own_placement:
             remove_placement_group(self.placement.pg)
+
+
+class Pending:
+    """Results of a call started on every rank: `.result()` waits (failing as soon as any rank
+    fails, like gather) and post-processes them."""
+
+    def __init__(self, refs: list, finish):
+        self.refs, self.finish = refs, finish
+
+    def result(self, timeout_s: float | None = None):
+        return self.finish(gather(self.refs, timeout_s))
+
+
+def _merge_steps(res: list[dict]) -> dict:
+    tokens = sum(r["tokens"] for r in res)
+    out = {
+        "loss": sum(r["loss_sum"] for r in res) / max(1, tokens),
+        "tokens": tokens,
+        "grad_norm": res[0]["grad_norm"],
+        "lr": res[0]["lr"],
+        "skipped": any(r["skipped"] for r in res),
+    }
+    for key in res[0]["stats"]:  # diagnostic sums -> means over the same units as the loss
+        out[key.removesuffix("_sum")] = sum(r["stats"][key] for r in res) / max(1, tokens)
+    if "loss_scale" in res[0]:
+        out["loss_scale"] = res[0]["loss_scale"]
+    return out
 
 
 def total_steps(num_rows: int, global_batch: int, epochs: int, max_steps: int | None) -> int:

@@ -36,7 +36,8 @@ class HFBackend:
         out = self.model.generate(
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device), do_sample=not greedy,
             temperature=None if greedy else s.temperature, top_p=None if greedy else s.top_p, top_k=0,
-            max_new_tokens=s.max_tokens, num_return_sequences=s.n, eos_token_id=self.eos, pad_token_id=self.pad,
+            max_new_tokens=s.max_tokens, num_return_sequences=s.n, pad_token_id=self.pad,
+            eos_token_id=None if s.ignore_eos else self.eos,
             stop_strings=s.stop or None, tokenizer=self.tok if s.stop else None,
             output_logits=True, return_dict_in_generate=True)
         new = out.sequences[:, T:].cpu()
@@ -55,6 +56,8 @@ class HFBackend:
     def _end(self, toks: list[int], s: SamplingConfig) -> tuple[int, bool]:
         """Length of the response (through EOS or the first stop string) and whether it stopped
         rather than ran out of tokens; what follows is padding of a finished row."""
+        if s.ignore_eos:
+            return len(toks), False
         n = toks.index(self.eos) + 1 if self.eos in toks else len(toks)
         for m in range(1, n + 1) if s.stop else ():
             if any(self.tok.decode(toks[:m]).endswith(x) for x in s.stop):

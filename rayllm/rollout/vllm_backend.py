@@ -38,7 +38,8 @@ class VLLMBackend:
         from vllm import SamplingParams
 
         return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
-                              stop=s.stop or None, logprobs=0, seed=seed, **extra)
+                              stop=s.stop or None, logprobs=0, seed=seed,
+                              ignore_eos=s.ignore_eos, **extra)
 
     def generate(self, prompts: list[list[int]], first_index: int, s: SamplingConfig) -> list[Sample]:
         # One seed per prompt, from its index in the whole batch: a prompt requeued to another

@@ -1,0 +1,357 @@
+"""PPO stage: four model groups (policy, critic, reference, reward), vLLM rollout engines, and
+the loop that ties them together.
+
+One iteration:
+  1. generate: the rollout engines sample `sampling.n` responses for each of
+     `rollout_batch_size` prompts (log-probs of the sampled tokens come with them);
+  2. experience: the policy's own log-probs (the PPO ratio's denominator), the reference's
+     log-probs, the reward model's scores (or a rule-based reward) and the critic's values are
+     computed at once, each group on its own ranks;
+  3. advantages on the driver, over the whole batch: per-token KL penalty, then GAE (critic) or
+     a critic-free estimator (GRPO, RLOO, REINFORCE++), whitening, truncated importance weights
+     for the engine/trainer gap;
+  4. train: `ppo_epochs` passes over shuffled mini-batches; the policy and critic step at the
+     same time;
+  5. sync: the new policy weights are pushed into the engines and verified.
+
+Every quantity that is a mean over the batch is computed on the driver or as a global token
+mean on the ranks, so the result does not depend on how many ranks a group has.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rayllm.algorithms import (
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMoments,
+    compute_gae,
+    grpo_advantages,
+    kl_estimate,
+    masked_mean,
+    masked_whiten,
+    normalize_rewards,
+    reinforce_pp_advantages,
+    reinforce_pp_returns,
+    rloo_advantages,
+    token_rewards,
+    truncated_is_weights,
+)
+from rayllm.config import PPO, GroupConfig
+from rayllm.datasets.prompts import encode_prompt, load_prompts
+from rayllm.group import ModelGroup, Placement
+from rayllm.hooks import load_hook
+from rayllm.io import append_jsonl
+from rayllm.models import load_tokenizer, resolve_model, value_model_from
+from rayllm.rollout import RolloutPool
+
+ROLES = ("policy", "reference", "reward", "critic")
+
+
+def resolve_inputs(stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, str]) -> dict[str, Path | None]:
+    """Model directories of the four roles, from the stage's config or the earlier stages."""
+    def given(m, kind="causal_lm"):
+        return resolve_model(m, kind)[0] if m is not None else None
+
+    policy = given(stage.policy_model) or (Path(artifacts["sft"]) if "sft" in artifacts else None)
+    if policy is None:
+        raise ValueError(f"{stage.name}: no policy model: set policy_model or run an SFT stage before it")
+    reward = None
+    if stage.reward_fn is None:
+        reward = given(stage.reward_model, "reward") or (Path(artifacts["reward"]) if "reward" in artifacts else None)
+        if reward is None:
+            raise ValueError(f"{stage.name}: no reward: set reward_model or reward_fn, or run a reward stage before it")
+    critic = None
+    if stage.algo.advantage == "gae":
+        # OpenRLHF's default: the critic starts from the reward model, which already maps a
+        # sequence to how good it is; with a rule-based reward, from the policy's trunk.
+        critic = given(stage.critic_model, "critic") or reward or value_model_from(policy, out_dir / "critic_init", seed)
+    return {"policy": policy, "reference": policy, "reward": reward, "critic": critic}
+
+
+def placements(cfgs: dict[str, GroupConfig]) -> dict[str, Placement]:
+    """Shared placement groups for colocated roles: every role that names another in
+    `colocate_with` (directly or through a chain) shares its bundles, each taking an equal share."""
+    def root(role: str) -> str:
+        seen = set()
+        while cfgs[role].colocate_with in cfgs and role not in seen:
+            seen.add(role)
+            role = cfgs[role].colocate_with
+        return role
+
+    clusters: dict[str, list[str]] = {}
+    for role in cfgs:
+        clusters.setdefault(root(role), []).append(role)
+    out = {}
+    for members in clusters.values():
+        if len(members) < 2:
+            continue
+        c = [cfgs[m] for m in members]
+        place = Placement.create(max(x.num_ranks for x in c), max(x.cpus_per_rank for x in c),
+                                 max(x.gpus_per_rank for x in c), share=1.0 / len(members))
+        out.update({m: place for m in members})
+    return out
+
+
+class PPOTrainer:
+    def __init__(self, stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, str], say=print):
+        self.stage, self.out_dir, self.seed, self.say = stage, out_dir, seed, say
+        a = stage.algo
+        paths = resolve_inputs(stage, out_dir, seed, artifacts)
+        self.tok = load_tokenizer(paths["policy"])
+        self.reward_fn = load_hook(stage.reward_fn, "reward_fn") if stage.reward_fn else None
+        task = stage.data.source.split(":", 1)[1] if stage.data.source.startswith("bundled:") else None
+        self.score_fn = self._scorer(stage.score_fn, task)
+        self.train_records, self.eval_records = load_prompts(stage.data, seed)
+        n = stage.train.rollout_batch_size * stage.rollout.sampling.n
+        updates = stage.train.iterations * a.ppo_epochs * (n // a.mini_batch_size)
+        cfgs = {r: getattr(stage, r) for r in ROLES if paths[r] is not None}
+        shared = placements(cfgs)
+        self._placements = list({id(p): p for p in shared.values()}.values())
+        kinds = {"policy": "causal_lm", "reference": "causal_lm", "reward": "reward", "critic": "critic"}
+        self.groups: dict[str, ModelGroup] = {}
+        try:
+            for role, cfg in cfgs.items():
+                self.groups[role] = ModelGroup(
+                    f"{stage.name}/{role}", cfg, paths[role], kinds[role], trainable=role in ("policy", "critic"),
+                    total_steps=updates, placement=shared.get(role), pad_id=self.tok.pad_token_id)
+            self.pool = RolloutPool(stage.rollout, paths["policy"], name=f"{stage.name}/rollout")
+        except BaseException:
+            self.shutdown()
+            raise
+        self.kl_ctl = (AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target
+                       else FixedKLController(a.kl_coef))
+        self.moments = RunningMoments() if a.reward_normalize else None
+        self.rng = np.random.default_rng(seed)
+        self.cursor = 0
+
+    @staticmethod
+    def _scorer(spec: str | None, task: str | None):
+        from rayllm.datasets.tasks import SCORERS
+
+        if spec:
+            return load_hook(spec, "score_fn")
+        return SCORERS.get(task)
+
+    # ---- one iteration ------------------------------------------------------------------------
+    def next_prompts(self) -> list[dict]:
+        n, recs = self.stage.train.rollout_batch_size, self.train_records
+        out = [recs[(self.cursor + i) % len(recs)] for i in range(n)]
+        self.cursor += n
+        return out
+
+    def make_experience(self, records: list[dict]) -> dict:
+        s, a = self.stage.rollout.sampling, self.stage.algo
+        t0 = time.perf_counter()
+        prompts = [encode_prompt(self.tok, r["prompt"])[-self.stage.data.max_prompt_length:] for r in records]
+        samples = self.pool.generate(prompts, s)
+        t1 = time.perf_counter()
+        rows = [{"input_ids": x.prompt_ids + x.response_ids,
+                 "loss_mask": [0] * len(x.prompt_ids) + [1] * len(x.response_ids)} for x in samples]
+        texts = [self.tok.decode(x.response_ids, skip_special_tokens=True) for x in samples]
+        sample_recs = [records[x.prompt_index] for x in samples]
+        g = self.groups
+        temp = s.temperature if s.temperature > 0 else 1.0
+        pending = {"old": g["policy"].forward_async("logprobs", rows, temperature=temp),
+                   "ref": g["reference"].forward_async("logprobs", rows, temperature=temp)}
+        if "critic" in g:
+            pending["values"] = g["critic"].forward_async("values", rows)
+        if "reward" in g:
+            pending["scores"] = g["reward"].forward_async("scores", rows)
+        res = {k: p.result() for k, p in pending.items()}  # the groups run concurrently
+        if self.reward_fn is not None:
+            res["scores"] = [float(self.reward_fn(t, r)) for t, r in zip(texts, sample_recs)]
+        t2 = time.perf_counter()
+
+        # Response-aligned tensors [N, L]: target index j of a row is token j + 1.
+        N, L = len(samples), max(len(x.response_ids) for x in samples)
+        mask = torch.zeros(N, L)
+        old, ref, rollout_lp, values = (torch.zeros(N, L) for _ in range(4))
+        for i, x in enumerate(samples):
+            p, r = len(x.prompt_ids), len(x.response_ids)
+            mask[i, :r] = 1
+            cut = slice(p - 1, p - 1 + r)
+            old[i, :r] = torch.as_tensor(res["old"][i][cut])
+            ref[i, :r] = torch.as_tensor(res["ref"][i][cut])
+            rollout_lp[i, :r] = torch.as_tensor(x.logprobs)
+            if "values" in res:
+                values[i, :r] = torch.as_tensor(res["values"][i][cut])
+        raw_scores = torch.tensor(res["scores"], dtype=torch.float32)
+        scores = raw_scores
+        if self.moments is not None or a.reward_clip is not None:
+            scores = normalize_rewards(raw_scores, self.moments, a.reward_clip)
+        kl = kl_estimate(old, ref, a.kl_estimator) * mask
+        adv, returns = self._advantages(scores, kl, values, mask)
+        isw = truncated_is_weights(old, rollout_lp, a.tis_cap) if a.tis_cap else None
+
+        def per_target(row_i: int, t: torch.Tensor) -> list[float]:
+            """Back to the row's target positions (prompt targets are masked out anyway)."""
+            p, r = len(samples[row_i].prompt_ids), len(samples[row_i].response_ids)
+            out = [0.0] * (p - 1 + r)
+            out[p - 1:] = t[row_i, :r].tolist()
+            return out
+
+        policy_rows, critic_rows = [], []
+        for i, row in enumerate(rows):
+            pr = {**row, "old_logprobs": per_target(i, old), "advantages": per_target(i, adv)}
+            if isw is not None:
+                pr["is_weights"] = per_target(i, isw)
+            policy_rows.append(pr)
+            if "values" in res:
+                critic_rows.append({**row, "old_values": per_target(i, values), "returns": per_target(i, returns)})
+        seq_kl = (kl.sum(1)).mean().item()
+        metrics = {
+            "reward": raw_scores.mean().item(), "reward_std": raw_scores.std().item() if N > 1 else 0.0,
+            "kl": seq_kl, "kl_coef": self.kl_ctl.value,
+            "response_length": mask.sum(1).mean().item(),
+            "truncated_share": float(np.mean([x.finish_reason == "length" for x in samples])),
+            "engine_trainer_logprob_gap": (masked_mean((old - rollout_lp).abs(), mask)).item(),
+            "advantage_mean": masked_mean(adv, mask).item(),
+            "generate_s": t1 - t0, "experience_s": t2 - t1,
+        }
+        if self.score_fn is not None:
+            metrics["train_ground_truth"] = float(np.mean([self.score_fn(t, r) for t, r in zip(texts, sample_recs)]))
+        return {"policy_rows": policy_rows, "critic_rows": critic_rows, "metrics": metrics, "n": N}
+
+    def _advantages(self, scores, kl, values, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advantages and value targets, [N, L]. The KL penalty is a per-token reward for every
+        estimator: GAE and REINFORCE++ fold it into their returns; GRPO and RLOO add its
+        reward-to-go to the sequence advantage, which compares samples of the same prompt."""
+        a, n = self.stage.algo, self.stage.rollout.sampling.n
+        coef = self.kl_ctl.value
+        if a.advantage == "gae":
+            adv, ret = compute_gae(token_rewards(scores, kl, mask, coef), values, mask, a.gamma, a.lam)
+            return (masked_whiten(adv, mask) if a.whiten_advantages else adv), ret
+        if a.advantage == "reinforce_pp":
+            return reinforce_pp_advantages(token_rewards(scores, kl, mask, coef), mask, a.gamma), torch.zeros_like(mask)
+        seq = grpo_advantages(scores, n) if a.advantage == "grpo" else rloo_advantages(scores, n)
+        adv = seq[:, None] * mask + reinforce_pp_returns(-coef * kl, mask, a.gamma)
+        return adv * mask, torch.zeros_like(mask)
+
+    def train(self, exp: dict) -> dict:
+        a = self.stage.algo
+        temp = self.stage.rollout.sampling.temperature
+        pol, cri = [], []
+        for _ in range(a.ppo_epochs):
+            order = self.rng.permutation(exp["n"])
+            for start in range(0, exp["n"], a.mini_batch_size):
+                idx = order[start:start + a.mini_batch_size]
+                p = self.groups["policy"].train_step_async(
+                    [exp["policy_rows"][i] for i in idx], loss="ppo_policy", clip_eps=a.clip_eps,
+                    dual_clip=a.dual_clip, entropy_coef=a.entropy_coef, temperature=temp if temp > 0 else 1.0)
+                c = (self.groups["critic"].train_step_async([exp["critic_rows"][i] for i in idx], loss="ppo_value",
+                                                            clip_eps=a.value_clip) if exp["critic_rows"] else None)
+                pol.append(p.result())
+                if c is not None:
+                    cri.append(c.result())
+        out = {k: float(np.mean([m[k] for m in pol])) for k in ("policy_loss", "entropy", "clipfrac", "approx_kl")}
+        out["policy_grad_norm"] = float(np.mean([m["grad_norm"] for m in pol]))
+        out["policy_lr"] = pol[-1]["lr"]
+        if cri:
+            out["value_loss"] = float(np.mean([m["value_loss"] for m in cri]))
+            out["value_mean"] = float(np.mean([m["value_mean"] for m in cri]))
+        return out
+
+    def evaluate(self) -> dict:
+        """Ground-truth score and reward of greedy responses on the held-out prompts."""
+        if not self.eval_records:
+            return {}
+        from rayllm.config import SamplingConfig
+
+        s = self.stage.rollout.sampling
+        greedy = SamplingConfig(n=1, temperature=0, max_tokens=s.max_tokens, stop=s.stop, seed=s.seed)
+        prompts = [encode_prompt(self.tok, r["prompt"])[-self.stage.data.max_prompt_length:] for r in self.eval_records]
+        samples = self.pool.generate(prompts, greedy)
+        texts = [self.tok.decode(x.response_ids, skip_special_tokens=True) for x in samples]
+        out = {}
+        if self.score_fn is not None:
+            out["eval_ground_truth"] = float(np.mean([self.score_fn(t, r) for t, r in zip(texts, self.eval_records)]))
+        rows = [{"input_ids": x.prompt_ids + x.response_ids} for x in samples]
+        if "reward" in self.groups:
+            out["eval_reward"] = float(np.mean(self.groups["reward"].scores(rows)))
+        elif self.reward_fn is not None:
+            out["eval_reward"] = float(np.mean([self.reward_fn(t, r) for t, r in zip(texts, self.eval_records)]))
+        out["eval_examples"] = [{"prompt": r["prompt"], "response": t} for r, t in zip(self.eval_records[:4], texts)]
+        return out
+
+    def sync(self) -> dict:
+        rep = self.pool.sync(self.groups["policy"], self.stage.policy.lora)
+        return {"sync_s": rep.get("push_s", 0) + rep.get("gather_s", 0) + rep.get("verify_s", 0),
+                "sync_verify_s": rep.get("verify_s", 0.0), "sync_max_gap": rep.get("max_gap", float("nan"))}
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        if getattr(self, "pool", None) is not None:
+            self.pool.shutdown()
+        for g in self.groups.values():
+            g.shutdown()
+        for p in self._placements:
+            remove_placement_group(p.pg)
+        self.groups, self._placements = {}, []
+
+
+def run_ppo(stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, str], metrics_path: Path | None = None,
+            progress: bool = True) -> dict:
+    """Returns the stage summary; the trained policy is at <out_dir>/model."""
+    t_start = time.time()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = metrics_path or out_dir / "metrics.jsonl"
+    say = print if progress else (lambda *a, **k: None)
+    trainer = PPOTrainer(stage, out_dir, seed, artifacts, say)
+    log = lambda rec: append_jsonl(metrics_path, {"stage": stage.name, **rec})  # noqa: E731
+    try:
+        say(f"[rayllm] {stage.name}: groups {', '.join(f'{r} ({g.world_size} rank(s), ZeRO-{g.cfg.zero_stage})' for r, g in trainer.groups.items())}; "
+            f"{stage.rollout.num_engines} {stage.rollout.backend} engine(s); {len(trainer.train_records)} prompts, "
+            f"{len(trainer.eval_records)} held out", flush=True)
+        first = trainer.evaluate()
+        log({"step": 0, **{k: v for k, v in first.items() if k != "eval_examples"}})
+        iters = stage.train.iterations
+        bar = tqdm(total=iters, desc=stage.name, disable=not progress, unit="iter",
+                   mininterval=0.2 if sys.stderr.isatty() else 15.0)
+        history = []
+        for it in range(1, iters + 1):
+            exp = trainer.make_experience(trainer.next_prompts())
+            t = time.perf_counter()
+            m = {**exp["metrics"], **trainer.train(exp)}
+            m["train_s"] = time.perf_counter() - t
+            m.update(trainer.sync())
+            trainer.kl_ctl.update(exp["metrics"]["kl"], exp["n"])
+            m["iteration_s"] = m["generate_s"] + m["experience_s"] + m["train_s"] + m["sync_s"]
+            if stage.train.eval_every and it % stage.train.eval_every == 0 and it < iters:
+                m.update({k: v for k, v in trainer.evaluate().items() if k != "eval_examples"})
+            history.append(m)
+            log({"step": it, **m})
+            bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m['kl']:.3f}")
+            bar.update(1)
+        bar.close()
+        last = trainer.evaluate()
+        log({"step": iters, **{k: v for k, v in last.items() if k != "eval_examples"}})
+        trainer.groups["policy"].save_hf(out_dir / "model")
+    finally:
+        trainer.shutdown()
+    k = max(1, min(3, len(history)))  # first and last few iterations, for a less noisy comparison
+    summary = {
+        "stage": stage.name, "model": str(out_dir / "model"), "iterations": iters,
+        "samples_per_iteration": stage.train.rollout_batch_size * stage.rollout.sampling.n,
+        "advantage": stage.algo.advantage, "eval_prompts": len(trainer.eval_records),
+        "reward_initial": float(np.mean([h["reward"] for h in history[:k]])),
+        "reward_final": float(np.mean([h["reward"] for h in history[-k:]])),
+        "kl_final": history[-1]["kl"],
+        "iteration_s_median": float(np.median([h["iteration_s"] for h in history])),
+        "wall_time_s": time.time() - t_start,
+        "examples_final": last.get("eval_examples", []),
+    }
+    for key in ("eval_ground_truth", "eval_reward"):
+        if key in first:
+            name = "ground_truth" if key == "eval_ground_truth" else "eval_reward"
+            summary[f"{name}_initial"], summary[f"{name}_final"] = first[key], last[key]
+    for key in ("generate_s", "experience_s", "train_s", "sync_s"):
+        summary[f"{key}_median"] = float(np.median([h[key] for h in history]))
+    return summary

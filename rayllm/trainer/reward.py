@@ -1,0 +1,186 @@
+"""Reward-model stage: a scalar head trained with the pairwise Bradley-Terry loss on a ModelGroup,
+held-out pairwise accuracy before, during and after, and a Hugging Face sequence-classification
+model written to <out_dir>/model.
+
+Resumable like SFT: with `train.checkpoint_every` set, DeepSpeed checkpoints land in
+<out_dir>/checkpoints and a rerun continues after the last one; the pairs of each step are a
+pure function of (seed, step), so it continues at the same data position.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rayllm.algorithms import pairwise_accuracy, pairwise_loss
+from rayllm.config import RewardModel
+from rayllm.datasets.preference import (
+    flatten_pairs,
+    load_pairs,
+    pair_is_informative,
+    split_pairs,
+    tokenize_pair,
+)
+from rayllm.group import ModelGroup
+from rayllm.group.model_group import total_steps
+from rayllm.io import append_jsonl
+from rayllm.models import load_tokenizer, resolve_model, value_model_from
+from rayllm.trainer.sft_data import epoch_order
+
+
+class PairBatches:
+    """Tokenized training pairs and the pairs of each step: a shuffle per epoch seeded by
+    (seed, epoch), so step s always gets the same pairs."""
+
+    def __init__(self, pairs: list[tuple[dict, dict]], global_batch: int, seed: int):
+        self.pairs, self.global_batch, self.seed = pairs, global_batch, seed
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self) // self.global_batch
+
+    def batch(self, step: int) -> list[dict]:
+        """Rows [chosen_0, rejected_0, chosen_1, ...] of `global_batch` pairs."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = epoch_order(len(self.pairs), self.seed, epoch)
+        G = self.global_batch
+        return flatten_pairs([self.pairs[i] for i in order[k * G: (k + 1) * G]])
+
+    @property
+    def fingerprint(self) -> str:
+        ids = [[c["input_ids"], r["input_ids"]] for c, r in self.pairs]
+        return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
+
+
+def _is_sequence_classifier(path: Path) -> bool:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(a.endswith("ForSequenceClassification") for a in cfg.get("architectures") or [])
+
+
+def reward_init_model(stage: RewardModel, out_dir: Path, seed: int, artifacts: dict[str, str]) -> tuple[Path, Path]:
+    """(model dir, tokenizer dir) the stage starts from: `stage.model`, or the previous SFT
+    stage's model; a causal LM gets a fresh scalar head (seeded) under <out_dir>/init."""
+    if stage.model is not None:
+        model_path, tok_path = resolve_model(stage.model, kind="reward")
+        if stage.model.path is not None and not _is_sequence_classifier(model_path):
+            # A causal LM: every rank would draw its own random head; build one head here.
+            model_path = value_model_from(model_path, out_dir / "init", seed)
+        return model_path, tok_path
+    sft = artifacts.get("sft")
+    if not sft:
+        raise ValueError(f"reward stage {stage.name!r}: a reward stage needs an earlier SFT stage (whose model it "
+                         "starts from) or `model.path` (a Hugging Face model directory)")
+    model_path = value_model_from(sft, out_dir / "init", seed)
+    return model_path, model_path
+
+
+def evaluate(group: ModelGroup, held: list[tuple[dict, dict]]) -> dict:
+    """Held-out pairwise accuracy (ties count as wrong), mean margin score(chosen) - score(rejected),
+    and the mean Bradley-Terry loss, from the group's scores of the rows."""
+    scores = torch.tensor(group.scores(flatten_pairs(held)), dtype=torch.float64)
+    chosen, rejected = scores[0::2], scores[1::2]
+    return {
+        "eval_accuracy": pairwise_accuracy(chosen, rejected),
+        "eval_margin": float((chosen - rejected).mean()),
+        "eval_loss": float(pairwise_loss(chosen, rejected).mean()),
+    }
+
+
+def run_reward(stage: RewardModel, out_dir: Path, seed: int = 0, artifacts: dict[str, str] | None = None,
+               metrics_path: Path | None = None, progress: bool = True) -> dict:
+    """Returns the stage summary; the trained reward model is at <out_dir>/model.
+
+    `artifacts` maps earlier stage kinds to their outputs; "sft" is the model directory a reward
+    model starts from when `stage.model` is unset.
+    """
+    t_start = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = metrics_path or out_dir / "metrics.jsonl"
+    say = print if progress else (lambda *a, **k: None)
+    model_path, tok_path = reward_init_model(stage, out_dir, seed, artifacts or {})
+    tok = load_tokenizer(tok_path)
+
+    d = stage.data
+    train_pairs, held_pairs = split_pairs(load_pairs(d, seed), d.eval_fraction, seed)
+    tokenized = [tokenize_pair(tok, p, d.max_length) for p in train_pairs]
+    train_rows = [t for t in tokenized if pair_is_informative(*t)]
+    held = [t for t in (tokenize_pair(tok, p, d.max_length) for p in held_pairs) if pair_is_informative(*t)]
+    dropped = len(tokenized) - len(train_rows)
+    G = stage.train.global_batch_size
+    if len(train_rows) < G:
+        raise ValueError(f"{stage.name}: {len(train_rows)} training pairs, fewer than train.global_batch_size={G}")
+    if not held:
+        raise ValueError(f"{stage.name}: no held-out pair left to evaluate on (after dropping pairs whose "
+                         f"rows are identical within data.max_length={d.max_length})")
+    train = PairBatches(train_rows, G, seed)
+    say(f"[rayllm] {stage.name}: {len(train)} training pairs, {len(held)} held-out pairs"
+        + (f", {dropped} dropped (identical after truncation to {d.max_length} tokens)" if dropped else ""),
+        flush=True)
+    n_steps = total_steps(len(train), G, stage.train.epochs, stage.train.max_steps)
+
+    group = ModelGroup(f"{stage.name}/reward", stage.group, model_path, kind="reward", trainable=True,
+                       total_steps=n_steps, pad_id=tok.pad_token_id)
+    try:
+        ckpt_dir = out_dir / "checkpoints"
+        state = group.load_checkpoint(ckpt_dir) or {"step": 0, "data": train.fingerprint}
+        if state.get("data") != train.fingerprint:
+            raise ValueError(f"{stage.name}: the checkpoint in {ckpt_dir} was taken on other data "
+                             f"({state.get('data')} != {train.fingerprint}); remove it to start over")
+        step = state["step"]
+        log = lambda rec: append_jsonl(metrics_path, {"stage": stage.name, **rec})  # noqa: E731
+        if step == 0 or "eval_accuracy_initial" not in state:
+            initial = evaluate(group, held)
+            if step == 0:
+                log({"step": 0, **initial})
+            initial_accuracy = initial["eval_accuracy"]
+        else:  # resumed: the accuracy of the model the run started from, not of the checkpoint
+            initial_accuracy = state["eval_accuracy_initial"]
+        bar = tqdm(total=n_steps, initial=step, desc=f"{stage.name}", disable=not progress, unit="step",
+                   mininterval=0.2 if sys.stderr.isatty() else 15.0)
+        while step < n_steps:
+            t = time.time()
+            m = group.train_step(train.batch(step), loss="pairwise", global_count=G, margin=stage.margin)
+            m["pairs"] = m.pop("tokens")  # the pairwise loss counts pairs
+            step += 1
+            epoch = (step - 1) // train.steps_per_epoch
+            rec = {"step": step, "epoch": epoch, "step_time_s": time.time() - t, **m}
+            if stage.train.eval_every and step % stage.train.eval_every == 0 and step < n_steps:
+                rec.update(evaluate(group, held))
+            log(rec)
+            bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}")
+            bar.update(1)
+            if stage.train.checkpoint_every and step % stage.train.checkpoint_every == 0:
+                group.save_checkpoint(ckpt_dir, step, {"data": train.fingerprint, "pairs_consumed": step * G,
+                                                       "eval_accuracy_initial": initial_accuracy})
+        bar.close()
+        final = evaluate(group, held)
+        log({"step": step, **final})
+        group.save_hf(out_dir / "model")
+    finally:
+        group.shutdown()
+    return {
+        "stage": stage.name,
+        "model": str(out_dir / "model"),
+        "steps": n_steps,
+        "train_pairs": len(train),
+        "eval_pairs": len(held),
+        "dropped_pairs": dropped,
+        "eval_accuracy_initial": initial_accuracy,
+        "eval_accuracy_final": final["eval_accuracy"],
+        "eval_margin_final": final["eval_margin"],
+        "num_ranks": stage.group.num_ranks,
+        "zero_stage": stage.group.zero_stage,
+        "wall_time_s": time.time() - t_start,
+    }
