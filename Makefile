@@ -6,13 +6,13 @@ export OMP_NUM_THREADS ?= 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-unit test-integration test-e2e bench clean
+.PHONY: setup demo test test-unit test-integration test-e2e test-slow bench clean
 
 setup:
 	@VENV=$(VENV) bash scripts/setup.sh
 
 demo: setup
-	$(VENV)/bin/rayllm run pipelines/sft_tiny.py $(ARGS)
+	$(VENV)/bin/rayllm run pipelines/rlhf_tiny.py $(ARGS)
 
 test: setup
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q --timeout=900 --durations=10 $(ARGS)
@@ -24,7 +24,10 @@ test-integration: setup
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -m integration --timeout=900 $(ARGS)
 
 test-e2e: setup
-	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -m e2e --timeout=900 $(ARGS)
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -m "e2e and not slow" --timeout=900 $(ARGS)
+
+test-slow: setup
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -m slow --timeout=2400 $(ARGS)
 
 bench: setup
 	RAY_AUTH_MODE=disabled $(PY) bench/train_step.py $(ARGS)

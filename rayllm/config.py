@@ -329,6 +329,10 @@ class PPOTrainConfig(Strict):
     iterations: int = Field(20, ge=1)  # rollout batches
     rollout_batch_size: int = Field(32, ge=1)  # prompts per iteration (x sampling.n samples)
     eval_every: int = Field(0, ge=0)  # iterations; 0: before and after only
+    # First iterations in which only the critic trains (OpenRLHF's freezing_actor_steps): a critic
+    # starting from the reward model has values for whole sequences only, and until it has
+    # learned prefix values its GAE advantages are mostly noise that would push the policy around.
+    critic_warmup: int = Field(0, ge=0)
 
 
 def _frozen_group() -> GroupConfig:

@@ -1,7 +1,12 @@
 """Bundled tasks with a programmatic ground truth, so training effects are measured against truth.
 
 `arithmetic`: "What is a + b?" with the exact answer; a response is correct iff its last integer
-equals the true result.
+equals the true result. With the bundled BPE every number up to 99 is one token, so for a tiny
+model this is a lookup table of ~20k facts: unseen facts cannot be inferred.
+
+`sort`: "Sort: 7 3 9 1 4" -> "1 3 4 7 9", 4-8 digits (one token each); a response is correct iff
+its numbers are exactly the sorted list. Compositional: a small model can learn it for lists it
+never saw, so the effect of RL on held-out prompts is measurable (the demo's task).
 """
 from __future__ import annotations
 
@@ -56,9 +61,45 @@ def arithmetic_wrong_response(record: dict, rng: random.Random) -> str:
     return f"{a} {op} {b} = {wrong}"
 
 
-BUNDLED = {"arithmetic": arithmetic}
-SCORERS = {"arithmetic": arithmetic_score}
-WRONG = {"arithmetic": arithmetic_wrong_response}
+def sort_example(rng: random.Random) -> dict:
+    xs = [rng.randint(0, 9) for _ in range(rng.randint(4, 8))]
+    ys = sorted(xs)
+    return {"prompt": "Sort: " + " ".join(map(str, xs)), "response": " ".join(map(str, ys)), "answer": ys}
+
+
+def sort_task(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [sort_example(rng) for _ in range(n)]
+
+
+def sort_score(response: str, record: dict) -> float:
+    """1.0 if the response's numbers are exactly the sorted list, else 0.0."""
+    return float([int(x) for x in re.findall(r"-?\d+", response)] == list(record["answer"]))
+
+
+def sort_wrong_response(record: dict, rng: random.Random) -> str:
+    """A near miss: two neighbours swapped, one number dropped, one inserted, or one changed.
+    Drops and insertions are equally likely, so a reward model trained on these pairs cannot
+    learn "longer is better" (with drops alone it did, and PPO exploited it at once)."""
+    ys = list(record["answer"])
+    kind = rng.random()
+    pairs = [i for i in range(len(ys) - 1) if ys[i] != ys[i + 1]]
+    if kind < 0.35 and pairs:
+        i = rng.choice(pairs)
+        ys[i], ys[i + 1] = ys[i + 1], ys[i]
+    elif kind < 0.55:
+        del ys[rng.randrange(len(ys))]
+    elif kind < 0.8:
+        ys.insert(rng.randrange(len(ys) + 1), rng.randint(0, 9))
+    else:
+        i = rng.randrange(len(ys))
+        ys[i] = rng.choice([d for d in range(10) if d != ys[i]])
+    return " ".join(map(str, ys))
+
+
+BUNDLED = {"arithmetic": arithmetic, "sort": sort_task}
+SCORERS = {"arithmetic": arithmetic_score, "sort": sort_score}
+WRONG = {"arithmetic": arithmetic_wrong_response, "sort": sort_wrong_response}
 
 
 def bundled(name: str, n: int, seed: int = 0) -> list[dict]:

@@ -268,7 +268,7 @@ class RankEngine:
             self.engine.backward(s * scale, scale_wrt_gas=False)
             loss_sum, tokens = loss_sum + s.item(), tokens + n
             for k, v in extra.items():
-                stats[k] = stats.get(k, 0.0) + float(v)
+                stats[k] = stats.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
         grad_norm = None
         if self.cfg.zero_stage == 0 and self.cfg.precision.dtype == "fp32":
             # DeepSpeed records the norm only on its ZeRO/mixed-precision paths.

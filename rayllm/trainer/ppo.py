@@ -234,7 +234,9 @@ class PPOTrainer:
         adv = seq[:, None] * mask + reinforce_pp_returns(-coef * kl, mask, a.gamma)
         return adv * mask, torch.zeros_like(mask)
 
-    def train(self, exp: dict) -> dict:
+    def train(self, exp: dict, policy: bool = True) -> dict:
+        """ppo_epochs passes over shuffled mini-batches; the policy's and the critic's steps run
+        at the same time. policy=False trains the critic alone (critic warm-up)."""
         a = self.stage.algo
         temp = self.stage.rollout.sampling.temperature
         pol, cri = [], []
@@ -242,17 +244,21 @@ class PPOTrainer:
             order = self.rng.permutation(exp["n"])
             for start in range(0, exp["n"], a.mini_batch_size):
                 idx = order[start:start + a.mini_batch_size]
-                p = self.groups["policy"].train_step_async(
+                p = (self.groups["policy"].train_step_async(
                     [exp["policy_rows"][i] for i in idx], loss="ppo_policy", clip_eps=a.clip_eps,
                     dual_clip=a.dual_clip, entropy_coef=a.entropy_coef, temperature=temp if temp > 0 else 1.0)
+                     if policy else None)
                 c = (self.groups["critic"].train_step_async([exp["critic_rows"][i] for i in idx], loss="ppo_value",
                                                             clip_eps=a.value_clip) if exp["critic_rows"] else None)
-                pol.append(p.result())
+                if p is not None:
+                    pol.append(p.result())
                 if c is not None:
                     cri.append(c.result())
-        out = {k: float(np.mean([m[k] for m in pol])) for k in ("policy_loss", "entropy", "clipfrac", "approx_kl")}
-        out["policy_grad_norm"] = float(np.mean([m["grad_norm"] for m in pol]))
-        out["policy_lr"] = pol[-1]["lr"]
+        out = {}
+        if pol:
+            out = {k: float(np.mean([m[k] for m in pol])) for k in ("policy_loss", "entropy", "clipfrac", "approx_kl")}
+            out["policy_grad_norm"] = float(np.mean([m["grad_norm"] for m in pol]))
+            out["policy_lr"] = pol[-1]["lr"]
         if cri:
             out["value_loss"] = float(np.mean([m["value_loss"] for m in cri]))
             out["value_mean"] = float(np.mean([m["value_mean"] for m in cri]))
@@ -319,9 +325,11 @@ def run_ppo(stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, str], met
         for it in range(1, iters + 1):
             exp = trainer.make_experience(trainer.next_prompts())
             t = time.perf_counter()
-            m = {**exp["metrics"], **trainer.train(exp)}
+            update_policy = it > stage.train.critic_warmup or "critic" not in trainer.groups
+            m = {**exp["metrics"], **trainer.train(exp, policy=update_policy)}
             m["train_s"] = time.perf_counter() - t
-            m.update(trainer.sync())
+            # The engines already hold the weights of a policy that did not step.
+            m.update(trainer.sync() if update_policy else {"sync_s": 0.0})
             trainer.kl_ctl.update(exp["metrics"]["kl"], exp["n"])
             m["iteration_s"] = m["generate_s"] + m["experience_s"] + m["train_s"] + m["sync_s"]
             if stage.train.eval_every and it % stage.train.eval_every == 0 and it < iters:

@@ -16,6 +16,7 @@ from rayllm.config import SFT
 from rayllm.group import ModelGroup
 from rayllm.group.model_group import total_steps
 from rayllm.io import append_jsonl
+from rayllm.trainer.checkpoints import resume_state
 from rayllm.models import load_tokenizer, resolve_model
 from rayllm.trainer.sft_data import load_sft_data
 
@@ -42,10 +43,7 @@ def run_sft(stage: SFT, out_dir: Path, seed: int = 0, metrics_path: Path | None 
                        total_steps=n_steps, pad_id=tok.pad_token_id)
     try:
         ckpt_dir = out_dir / "checkpoints"
-        state = group.load_checkpoint(ckpt_dir) or {"step": 0, "data": train.fingerprint}
-        if state.get("data") != train.fingerprint:
-            raise ValueError(f"{stage.name}: the checkpoint in {ckpt_dir} was taken on other data "
-                             f"({state.get('data')} != {train.fingerprint}); remove it to start over")
+        state = resume_state(group, ckpt_dir, train.fingerprint, stage.name)
         step = state["step"]
         log = lambda rec: append_jsonl(metrics_path, {"stage": stage.name, **rec})  # noqa: E731
         initial_eval = group.eval_loss(held)

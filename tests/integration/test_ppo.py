@@ -66,11 +66,15 @@ def test_ppo_iteration_trains_policy_and_critic_only(tmp_path, tiny_path):
         assert abs(m["kl"]) < 1e-4 and m["engine_trainer_logprob_gap"] < 1e-4
         row = exp["policy_rows"][0]
         assert len(row["old_logprobs"]) == len(row["advantages"]) == len(row["input_ids"]) - 1
+        # Critic warm-up: only the critic steps.
+        assert "policy_loss" not in t.train(exp, policy=False)
+        warm = {r: _snapshot(t.groups[r]) for r in ("policy", "critic")}
+        assert not _changed(before["policy"], warm["policy"]) and _changed(before["critic"], warm["critic"])
         stats = t.train(exp)
         assert all(np.isfinite(v) for v in stats.values())
         assert stats["value_loss"] > 0 and 0 <= stats["clipfrac"] <= 1
         after = {r: _snapshot(g) for r, g in t.groups.items()}
-        assert _changed(before["policy"], after["policy"]) and _changed(before["critic"], after["critic"])
+        assert _changed(before["policy"], after["policy"]) and _changed(warm["critic"], after["critic"])
         assert not _changed(before["reference"], after["reference"])
         assert not _changed(before["reward"], after["reward"])
         sync = t.sync()
