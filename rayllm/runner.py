@@ -96,8 +96,10 @@ def _print_summary(summary: dict, report: Path) -> None:
             print(f"  {s['stage']}: held-out pairwise accuracy {s['eval_accuracy_initial']:.3f} -> "
                   f"{s['eval_accuracy_final']:.3f} over {s['steps']} steps; model at {s['model']}")
         if "ground_truth_final" in s:
-            print(f"  {s['stage']}: ground-truth score on {s['eval_prompts']} held-out prompts "
-                  f"{s['ground_truth_initial']:.3f} (SFT policy) -> {s['ground_truth_final']:.3f} (PPO policy) "
-                  f"over {s['iterations']} iterations; reward {s['reward_initial']:.3f} -> {s['reward_final']:.3f}; "
+            sampled = (f"; sampled {s['ground_truth_sampled_initial']:.3f} -> {s['ground_truth_sampled_final']:.3f}"
+                       if "ground_truth_sampled_final" in s else "")
+            print(f"  {s['stage']}: ground-truth score on {s['eval_prompts']} held-out prompts, greedy "
+                  f"{s['ground_truth_initial']:.3f} (SFT policy) -> {s['ground_truth_final']:.3f} (PPO policy){sampled}; "
+                  f"reward {s['reward_initial']:.3f} -> {s['reward_final']:.3f} over {s['iterations']} iterations; "
                   f"model at {s['model']}")
     print(f"  report: {report}")

@@ -7,6 +7,7 @@ model this is a lookup table of ~20k facts: unseen facts cannot be inferred.
 `sort`: "Sort: 7 3 9 1 4" -> "1 3 4 7 9", 4-8 digits (one token each); a response is correct iff
 its numbers are exactly the sorted list. Compositional: a small model can learn it for lists it
 never saw, so the effect of RL on held-out prompts is measurable (the demo's task).
+`sort_noisy`: the same prompts with 35% near-miss responses, the demo's imperfect SFT data.
 """
 from __future__ import annotations
 
@@ -78,27 +79,53 @@ def sort_score(response: str, record: dict) -> float:
 
 
 def sort_wrong_response(record: dict, rng: random.Random) -> str:
-    """A near miss: two neighbours swapped, one number dropped, one inserted, or one changed.
+    """A near miss: two neighbours swapped, one number dropped or inserted, one changed, or a
+    *sorted* list with the wrong numbers (2-3 changed and re-sorted, or drawn at random).
+
     Drops and insertions are equally likely, so a reward model trained on these pairs cannot
-    learn "longer is better" (with drops alone it did, and PPO exploited it at once)."""
+    learn "longer is better" (with drops alone it did, and PPO exploited it at once); sorted
+    lists with the wrong numbers keep it from learning "sorted is right" (without them, PPO
+    found sorted lists of made-up digits that the reward model scored above the truth)."""
     ys = list(record["answer"])
     kind = rng.random()
     pairs = [i for i in range(len(ys) - 1) if ys[i] != ys[i + 1]]
-    if kind < 0.35 and pairs:
+    if kind < 0.25 and pairs:
         i = rng.choice(pairs)
         ys[i], ys[i + 1] = ys[i + 1], ys[i]
-    elif kind < 0.55:
+    elif kind < 0.4:
         del ys[rng.randrange(len(ys))]
-    elif kind < 0.8:
+    elif kind < 0.55:
         ys.insert(rng.randrange(len(ys) + 1), rng.randint(0, 9))
-    else:
+    elif kind < 0.7:
         i = rng.randrange(len(ys))
         ys[i] = rng.choice([d for d in range(10) if d != ys[i]])
+    elif kind < 0.85:
+        for i in rng.sample(range(len(ys)), min(len(ys), rng.randint(2, 3))):
+            ys[i] = rng.choice([d for d in range(10) if d != ys[i]])
+        ys.sort()
+    else:
+        ys = sorted(rng.randint(0, 9) for _ in ys)
+    if ys == list(record["answer"]):  # a re-sort or random draw can land on the truth
+        ys = ys[:-1]
     return " ".join(map(str, ys))
 
 
-BUNDLED = {"arithmetic": arithmetic, "sort": sort_task}
-SCORERS = {"arithmetic": arithmetic_score, "sort": sort_score}
+def sort_noisy_task(n: int, seed: int = 0, noise: float = 0.35) -> list[dict]:
+    """`sort` with imperfect demonstrations: a `noise` share of responses are near misses
+    (sort_wrong_response), as careless human data would be; "answer" stays the true sorted list.
+    A policy fine-tuned on it sorts, and also makes those mistakes; preferences can then fix
+    what the demonstrations taught wrong (the demo's SFT data)."""
+    rng = random.Random(seed + 7919)
+    out = []
+    for rec in sort_task(n, seed):
+        if rng.random() < noise:
+            rec = {**rec, "response": sort_wrong_response(rec, rng)}
+        out.append(rec)
+    return out
+
+
+BUNDLED = {"arithmetic": arithmetic, "sort": sort_task, "sort_noisy": sort_noisy_task}
+SCORERS = {"arithmetic": arithmetic_score, "sort": sort_score, "sort_noisy": sort_score}
 WRONG = {"arithmetic": arithmetic_wrong_response, "sort": sort_wrong_response}
 
 

@@ -265,25 +265,32 @@ class PPOTrainer:
         return out
 
     def evaluate(self) -> dict:
-        """Ground-truth score and reward of greedy responses on the held-out prompts."""
+        """Ground-truth score and reward on the held-out prompts: of greedy responses, and of
+        responses sampled as in training (one per prompt, at the rollout temperature), since the
+        latter is the distribution PPO optimises."""
         if not self.eval_records:
             return {}
         from rayllm.config import SamplingConfig
 
         s = self.stage.rollout.sampling
-        greedy = SamplingConfig(n=1, temperature=0, max_tokens=s.max_tokens, stop=s.stop, seed=s.seed)
         prompts = [encode_prompt(self.tok, r["prompt"])[-self.stage.data.max_prompt_length:] for r in self.eval_records]
-        samples = self.pool.generate(prompts, greedy)
-        texts = [self.tok.decode(x.response_ids, skip_special_tokens=True) for x in samples]
         out = {}
-        if self.score_fn is not None:
-            out["eval_ground_truth"] = float(np.mean([self.score_fn(t, r) for t, r in zip(texts, self.eval_records)]))
-        rows = [{"input_ids": x.prompt_ids + x.response_ids} for x in samples]
-        if "reward" in self.groups:
-            out["eval_reward"] = float(np.mean(self.groups["reward"].scores(rows)))
-        elif self.reward_fn is not None:
-            out["eval_reward"] = float(np.mean([self.reward_fn(t, r) for t, r in zip(texts, self.eval_records)]))
-        out["eval_examples"] = [{"prompt": r["prompt"], "response": t} for r, t in zip(self.eval_records[:4], texts)]
+        for suffix, temperature in (("", 0.0), ("_sampled", s.temperature)):
+            params = SamplingConfig(n=1, temperature=temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+                                    stop=s.stop, seed=s.seed + 1)
+            samples = self.pool.generate(prompts, params)
+            texts = [self.tok.decode(x.response_ids, skip_special_tokens=True) for x in samples]
+            if self.score_fn is not None:
+                out[f"eval_ground_truth{suffix}"] = float(np.mean([self.score_fn(t, r)
+                                                                   for t, r in zip(texts, self.eval_records)]))
+            rows = [{"input_ids": x.prompt_ids + x.response_ids} for x in samples]
+            if "reward" in self.groups:
+                out[f"eval_reward{suffix}"] = float(np.mean(self.groups["reward"].scores(rows)))
+            elif self.reward_fn is not None:
+                out[f"eval_reward{suffix}"] = float(np.mean([self.reward_fn(t, r)
+                                                             for t, r in zip(texts, self.eval_records)]))
+            if not suffix:
+                out["eval_examples"] = [{"prompt": r["prompt"], "response": t} for r, t in zip(self.eval_records[:4], texts)]
         return out
 
     def sync(self) -> dict:
@@ -356,9 +363,9 @@ def run_ppo(stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, str], met
         "wall_time_s": time.time() - t_start,
         "examples_final": last.get("eval_examples", []),
     }
-    for key in ("eval_ground_truth", "eval_reward"):
+    for key in ("eval_ground_truth", "eval_ground_truth_sampled", "eval_reward", "eval_reward_sampled"):
         if key in first:
-            name = "ground_truth" if key == "eval_ground_truth" else "eval_reward"
+            name = key.replace("eval_ground_truth", "ground_truth")
             summary[f"{name}_initial"], summary[f"{name}_final"] = first[key], last[key]
     for key in ("generate_s", "experience_s", "train_s", "sync_s"):
         summary[f"{key}_median"] = float(np.median([h[key] for h in history]))

@@ -71,6 +71,8 @@ def test_a_changed_stage_invalidates_every_later_stage():
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 5 open: on the tiny demo PPO exploits the reward model and does not "
+                                       "yet beat the SFT policy's ground-truth score (README, 'The demo's result')")
 def test_demo_raises_the_ground_truth_score(ray_cluster, tmp_path):
     """The README's demo, whole: PPO must beat the SFT policy on held-out prompts."""
     pipe = load_pipeline(ROOT / "pipelines/rlhf_tiny.py", [f"run_dir={tmp_path}"])
