@@ -15,6 +15,7 @@ SMALL = [
     "reward.data.num_examples=160", "reward.train.global_batch_size=16", "reward.train.max_steps=6",
     "reward.train.eval_every=0", "ppo.train.iterations=2", "ppo.train.rollout_batch_size=8",
     "ppo.rollout.sampling.n=2", "ppo.algo.mini_batch_size=8", "ppo.data.eval_prompts=8", "ppo.train.eval_every=0",
+    "ppo.train.critic_warmup=1",
 ]
 
 
@@ -34,8 +35,11 @@ def test_three_stages_chain_and_skip_when_finished(ray_cluster, tmp_path):
     metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {m["stage"] for m in metrics} == {"sft", "reward", "ppo"}
     ppo_steps = [m for m in metrics if m["stage"] == "ppo" and "reward" in m]
-    assert len(ppo_steps) == 2 and all(k in ppo_steps[0] for k in (
+    # Iteration 1 is the critic's warm-up (the policy does not step), iteration 2 trains both.
+    assert len(ppo_steps) == 2 and "policy_loss" not in ppo_steps[0] and ppo_steps[0]["sync_s"] == 0.0
+    assert all(k in ppo_steps[1] for k in (
         "kl", "entropy", "policy_loss", "value_loss", "generate_s", "experience_s", "train_s", "sync_s"))
+    assert ppo_steps[1]["sync_max_gap"] < 1e-4
     assert (tmp_path / "plots" / "ppo_reward.png").is_file()
 
     again = run_pipeline(pipe, progress=False)
@@ -44,7 +48,7 @@ def test_three_stages_chain_and_skip_when_finished(ray_cluster, tmp_path):
 
     # A changed PPO stage reruns alone; the stages before it are still skipped.
     before = {s: _done(tmp_path, s)["config_hash"] for s in ("sft", "reward", "ppo")}
-    changed = load_pipeline(ROOT / "pipelines/rlhf_tiny.py", SMALL + [f"run_dir={tmp_path}", "ppo.algo.kl_coef=0.1"])
+    changed = load_pipeline(ROOT / "pipelines/rlhf_tiny.py", SMALL + [f"run_dir={tmp_path}", "ppo.algo.kl_coef=0.3"])
     third = run_pipeline(changed, progress=False)
     assert [bool(s.get("skipped")) for s in third["stages"]] == [True, True, False]
     assert _done(tmp_path, "ppo")["config_hash"] != before["ppo"]
