@@ -260,6 +260,21 @@ class PreferenceDataConfig(Strict):
         return self
 
 
+class PolicySamplesConfig(Strict):
+    """Preference pairs from the policy's own mistakes: the model the reward stage starts from
+    (the SFT policy) samples `rollout.sampling.n` responses for each of `num_prompts` prompts of
+    the preference data, a checker labels them, and every distinct wrong response becomes the
+    rejected side of a pair against the record's chosen response. Hand-made near misses teach a
+    reward model the mistakes someone imagined; these teach it the ones PPO will start from
+    (on-policy preference data, as in iterated RLHF with a verifier)."""
+
+    num_prompts: int = Field(1024, ge=1)
+    max_pairs_per_prompt: int = Field(2, ge=1)
+    rollout: RolloutConfig = RolloutConfig(sampling=SamplingConfig(n=4, temperature=1.0, max_tokens=32))
+    # fn(response, record) -> float, >= 0.5 counts as correct; default: the bundled task's checker
+    score_fn: str | None = None
+
+
 class RewardModel(Strict):
     """Reward-model stage: a scalar head trained with the pairwise Bradley-Terry loss.
 
@@ -273,6 +288,7 @@ class RewardModel(Strict):
     data: PreferenceDataConfig = PreferenceDataConfig()
     train: TrainConfig = TrainConfig()
     margin: float = 0.0
+    policy_samples: PolicySamplesConfig | None = None
 
     @model_validator(mode="after")
     def _pairs_fit(self):
@@ -333,6 +349,9 @@ class PPOTrainConfig(Strict):
     # starting from the reward model has values for whole sequences only, and until it has
     # learned prefix values its GAE advantages are mostly noise that would push the policy around.
     critic_warmup: int = Field(0, ge=0)
+    # Iterations between checkpoints of the policy, the critic and the loop's own state; a rerun
+    # of the stage resumes after the last one. 0: none.
+    checkpoint_every: int = Field(0, ge=0)
 
 
 def _frozen_group() -> GroupConfig:

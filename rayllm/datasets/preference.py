@@ -15,7 +15,7 @@ from rayllm.datasets import tasks
 from rayllm.datasets.prompts import encode_prompt, encode_response
 from rayllm.datasets.sft import DataError
 
-__all__ = ["DataError", "flatten_pairs", "load_pairs", "split_pairs", "tokenize_pair"]
+__all__ = ["DataError", "flatten_pairs", "load_pairs", "pairs_from_samples", "split_pairs", "tokenize_pair"]
 
 
 def load_pairs(cfg: PreferenceDataConfig, seed: int = 0) -> list[dict]:
@@ -70,6 +70,28 @@ def _load_jsonl(cfg: PreferenceDataConfig) -> list[dict]:
     if not pairs:
         raise DataError(f"{cfg.source}: no records")
     return pairs
+
+
+def pairs_from_samples(pairs: list[dict], samples: list[list[str]], score, max_per_prompt: int) -> tuple[list[dict], dict]:
+    """On-policy pairs: for each pair record and the responses a policy sampled for its prompt,
+    every distinct response that `score(response, record) < 0.5` calls wrong (at most
+    `max_per_prompt`, in sampling order) is rejected against the record's chosen response.
+    Returns (pairs, stats): the share of samples the checker passed, and how many pairs.
+
+    Pairs carry "origin": "policy", so held-out accuracy can be split by where pairs came from."""
+    out, n_samples, n_right = [], 0, 0
+    for rec, texts in zip(pairs, samples, strict=True):
+        seen = {rec["chosen"].strip()}
+        wrong = []
+        for t in texts:
+            n_samples += 1
+            if float(score(t, rec)) >= 0.5:
+                n_right += 1
+            elif t.strip() not in seen and len(wrong) < max_per_prompt:
+                seen.add(t.strip())
+                wrong.append(t)
+        out += [{**rec, "rejected": t, "origin": "policy"} for t in wrong]
+    return out, {"policy_sample_accuracy": n_right / max(1, n_samples), "policy_pairs": len(out)}
 
 
 def tokenize_pair(tok, pair: dict, max_length: int) -> tuple[dict, dict]:

@@ -41,6 +41,9 @@ def _buckets(named: list, limit: int) -> list[list]:
     return out + ([cur] if cur else [])
 
 
+_BUCKET_BYTES = 256 * 2**20  # per gathered bucket of a weight push
+
+
 class ModelDoesNotFit(RuntimeError):
     """The model's states exceed a rank's memory in the given configuration."""
 
@@ -331,22 +334,28 @@ class RankEngine:
         m = self.engine.module
         return m.get_base_model() if hasattr(m, "get_base_model") else m
 
-    def _gathered(self, adapter_only: bool = False, bucket_bytes: int = 256 * 2**20):
-        """Yield the full weights a bucket at a time, gathered from every rank (ZeRO-3 shards
-        included): [(name, tensor)] on rank 0, None elsewhere; persistent buffers come last.
-        Peak memory stays one bucket above the shard. Every rank must iterate it to the end."""
+    def _layout(self, adapter_only: bool = False) -> list[list[tuple[str, torch.Tensor]]]:
+        """What a weight push sends, in order: buckets of (name, parameter), then the persistent
+        buffers as one last bucket. `_gathered` and `weight_meta` both follow it, so the sender's
+        buckets and the layout the receivers expect cannot drift apart."""
         module = self.engine.module
         named = [(n, p) for n, p in module.named_parameters() if not adapter_only or "lora_" in n]
-        for bucket in _buckets(named, bucket_bytes):
+        out = _buckets(named, _BUCKET_BYTES)
+        if not adapter_only:
+            persistent = module.state_dict().keys()
+            buffers = [(n, b) for n, b in module.named_buffers() if n in persistent]
+            out += [buffers] if buffers else []
+        return out
+
+    def _gathered(self, adapter_only: bool = False):
+        """Yield the full weights a bucket at a time, gathered from every rank (ZeRO-3 shards
+        included): [(name, tensor)] on rank 0, None elsewhere (layout: `_layout`). Peak memory
+        stays one bucket above the shard. Every rank must iterate it to the end."""
+        for bucket in self._layout(adapter_only):
             sharded = [p for _, p in bucket if hasattr(p, "ds_id")]
             # One gather per bucket of parameters (not per parameter): far fewer collectives.
             with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None, enabled=bool(sharded)):
                 yield [(name, p.detach()) for name, p in bucket] if self.rank == 0 else None
-        if not adapter_only:
-            persistent = module.state_dict().keys()
-            buffers = [(n, b.detach()) for n, b in module.named_buffers() if n in persistent]
-            if buffers:
-                yield buffers if self.rank == 0 else None
 
     def full_state_dict(self, adapter_only: bool = False) -> dict[str, torch.Tensor] | None:
         """The whole state dict, fp32 on CPU, on rank 0 (others get None); every rank must call it."""
@@ -358,25 +367,8 @@ class RankEngine:
 
     def weight_meta(self) -> list[list[tuple[str, tuple[int, ...]]]]:
         """The bucket layout `broadcast_weights` sends: names and full (unpartitioned) shapes."""
-        module = self.engine.module
         shape = lambda p: tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)  # noqa: E731
-        meta = [[(n, shape(p)) for n, p in b] for b in _buckets(list(module.named_parameters()), 256 * 2**20)]
-        persistent = module.state_dict().keys()
-        buffers = [(n, tuple(b.shape)) for n, b in module.named_buffers() if n in persistent]
-        return meta + ([buffers] if buffers else [])
-
-    def channel_endpoint(self) -> dict:
-        """Where this rank (0) can host a weight channel: its address, a free port, the backend."""
-        import socket
-
-        from rayllm.rollout.transport import backend_for_device
-
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        import ray
-
-        return {"host": ray.util.get_node_ip_address(), "port": port, "backend": backend_for_device()}
+        return [[(n, shape(p)) for n, p in bucket] for bucket in self._layout()]
 
     def open_channel(self, spec_json: str) -> None:
         """Rank 0 joins the weight channel to the rollout engines as its sender."""

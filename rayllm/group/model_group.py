@@ -2,6 +2,7 @@
 DeepSpeed rank each, placed with a Ray placement group that other groups may share."""
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -46,6 +47,9 @@ class Placement:
     @property
     def num_bundles(self) -> int:
         return len(self.pg.bundle_specs)
+
+
+_FORMATIONS = itertools.count()
 
 
 def gather(refs: list, timeout_s: float | None = None) -> list:
@@ -100,6 +104,8 @@ class ModelGroup:
             seen[node_id] += 1
         master = (nodes[0][1], ray.get(self.workers[0].free_port.remote()))
         self._masters.append(master)
+        # Identifies this formation of the ranks: a weight channel joined by an earlier one is stale.
+        self.formation = (next(_FORMATIONS), len(self._masters))
         cfg_json = self.cfg.model_dump_json()
         gather([
             w.setup.remote(r, len(self.workers), master, local[r], self.name, self.model_path, self.kind,
@@ -182,11 +188,13 @@ class ModelGroup:
         write_text_atomic(Path(directory) / "latest", tag)
         return tag
 
-    def load_checkpoint(self, directory: str | Path) -> dict | None:
+    def load_checkpoint(self, directory: str | Path, tag: str | None = None) -> dict | None:
+        """Load checkpoint `tag` (default: the latest); None when there is none."""
         latest = Path(directory) / "latest"
-        if not latest.is_file():
-            return None
-        tag = latest.read_text().strip()
+        if tag is None:
+            if not latest.is_file():
+                return None
+            tag = latest.read_text().strip()
         return self._all("load_checkpoint", [(str(directory), tag)] * self.world_size)[0]
 
     def full_state_dict(self, adapter_only: bool = False) -> dict:
@@ -200,7 +208,11 @@ class ModelGroup:
 
     # ---- weight channel to rollout engines (rayllm.rollout.transport) --------------------------
     def channel_endpoint(self) -> dict:
-        return ray.get(self.workers[0].call.remote("channel_endpoint"))
+        """Where rank 0 can host a weight channel: its node's address, a free port there, and
+        the backend of its device (NCCL on GPU, gloo on CPU)."""
+        w = self.workers[0]
+        (_, host), port = ray.get([w.node.remote(), w.free_port.remote()])
+        return {"host": host, "port": port, "backend": "nccl" if self.placement.gpus > 0 else "gloo"}
 
     def open_channel_ref(self, spec_json: str) -> ray.ObjectRef:
         """Rank 0 joins the channel (returns at once; completes when every member has joined)."""

@@ -54,7 +54,8 @@ class RolloutPool:
         self.model_path, self.tokenizer_path = str(model_path), str(tokenizer_path or model_path)
         self._weights: tuple[ray.ObjectRef, float | None] | None = None  # latest push, for restarts
         self._source: tuple[object, float | None] | None = None  # (policy group, LoRA scaling) of it
-        self._channel_key: tuple | None = None  # (group, engine handles) the open channel joins
+        self._channel_key: tuple | None = None  # (group formation, engine launches) the open channel joins
+        self._launches = [0] * cfg.num_engines  # how often each engine slot was (re)started
         self.restarts = 0
         self.requeued = 0
         self._probe_rows: list[list[int]] | None = None
@@ -73,6 +74,7 @@ class RolloutPool:
             runtime_env={"env_vars": worker_env()}, name=None,
         ).remote(i, self.model_path, self.tokenizer_path, self.cfg.model_dump_json())
         self.engines[i] = handle
+        self._launches[i] += 1
         ready = handle.info.remote()
         if self._weights is None and self._source is not None:  # last push was collective
             group, scaling = self._source
@@ -208,8 +210,8 @@ class RolloutPool:
         t1 = time.perf_counter()
         self._weights = None  # a replacement engine fetches the weights from the group itself
         sends = group.broadcast_weights_refs()
-        recvs = {self.engines[i].receive_weights.remote(meta, scaling): i for i in alive}
-        pending, waiting = sends + list(recvs), set(sends)
+        recvs = [self.engines[i].receive_weights.remote(meta, scaling) for i in alive]
+        pending, waiting = sends + recvs, set(sends)
         try:
             while waiting:  # fail at once on any error rather than wait on a dead peer
                 done, pending = ray.wait(pending, num_returns=1)
@@ -236,7 +238,7 @@ class RolloutPool:
 
     def _ensure_channel(self, group, alive: list[int]) -> None:
         """(Re)form the weight channel when the policy group or the set of engines changed."""
-        key = (id(group), tuple(id(self.engines[i]) for i in alive))
+        key = (group.formation, tuple((i, self._launches[i]) for i in alive))
         if key == self._channel_key:
             return
         workers = ray.get([self.engines[i].num_workers.remote() for i in alive])

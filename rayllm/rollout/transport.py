@@ -80,7 +80,3 @@ def _numel(shape) -> int:
     for s in shape:
         n *= int(s)
     return n
-
-
-def backend_for_device() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"

@@ -33,6 +33,7 @@ class VLLMBackend:
         self.eos = self.llm.get_tokenizer().eos_token_id
         self.tied = bool(getattr(self.llm.llm_engine.model_config.hf_config, "tie_word_embeddings", False))
         self.num_workers = cfg.tensor_parallel_size if on_gpu else 1
+        self.on_gpu = on_gpu
 
     def _params(self, s: SamplingConfig, seed: int | None, **extra):
         from vllm import SamplingParams
@@ -45,7 +46,9 @@ class VLLMBackend:
         # One seed per prompt, from its index in the whole batch: a prompt requeued to another
         # engine is sampled with the same random stream.
         params = [self._params(s, s.seed * 1_000_003 + first_index + i) for i in range(len(prompts))]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        outs = []
+        for w in self._waves(prompts, s.n):
+            outs += self.llm.generate([{"prompt_token_ids": p} for p in prompts[w]], params[w], use_tqdm=False)
         samples = []
         for i, out in enumerate(outs):
             for j, c in enumerate(out.outputs):
@@ -53,6 +56,25 @@ class VLLMBackend:
                 samples.append(Sample(first_index + i, j, list(prompts[i]), list(c.token_ids), lps,
                                       "length" if c.finish_reason == "length" else "stop"))
         return samples
+
+    def _waves(self, prompts: list[list[int]], n: int) -> list[slice]:
+        """Consecutive runs of prompts whose prefills all fit in one engine step, on CPU.
+
+        A seeded request whose prefill is split across steps has its sampling generator rewound
+        (`set_offset`), which CPU generators do not support: vLLM's engine dies with "CPU
+        Generator does not use offset" (a batch of 128 prompts x 4 samples did it). Runs within
+        the scheduler's token and sequence budgets never split a prefill. On GPU: one run."""
+        if self.on_gpu:
+            return [slice(0, len(prompts))]
+        sched = self.llm.llm_engine.vllm_config.scheduler_config
+        out, start, tokens = [], 0, 0
+        for i, p in enumerate(prompts):
+            cost = len(p) * n
+            if i > start and (tokens + cost > sched.max_num_batched_tokens or (i - start + 1) * n > sched.max_num_seqs):
+                out.append(slice(start, i))
+                start, tokens = i, 0
+            tokens += cost
+        return out + [slice(start, len(prompts))]
 
     def prompt_logprobs(self, rows: list[list[int]]) -> list[list[float]]:
         """Teacher-forced log-probs of tokens 1..T-1 of each row (the verification probe)."""

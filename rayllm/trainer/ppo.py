@@ -19,6 +19,8 @@ mean on the ranks, so the result does not depend on how many ranks a group has.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -47,7 +49,7 @@ from rayllm.config import PPO, GroupConfig
 from rayllm.datasets.prompts import encode_prompt, load_prompts
 from rayllm.group import ModelGroup, Placement
 from rayllm.hooks import load_hook
-from rayllm.io import append_jsonl
+from rayllm.io import append_jsonl, write_json_atomic
 from rayllm.models import load_tokenizer, resolve_model, value_model_from
 from rayllm.rollout import RolloutPool
 
@@ -100,8 +102,8 @@ def placements(cfgs: dict[str, GroupConfig]) -> dict[str, Placement]:
 
 
 class PPOTrainer:
-    def __init__(self, stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, str], say=print):
-        self.stage, self.out_dir, self.seed, self.say = stage, out_dir, seed, say
+    def __init__(self, stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, str]):
+        self.stage, self.out_dir, self.seed = stage, out_dir, seed
         a = stage.algo
         paths = resolve_inputs(stage, out_dir, seed, artifacts)
         self.tok = load_tokenizer(paths["policy"])
@@ -235,8 +237,10 @@ class PPOTrainer:
         return adv * mask, torch.zeros_like(mask)
 
     def train(self, exp: dict, policy: bool = True) -> dict:
-        """ppo_epochs passes over shuffled mini-batches; the policy's and the critic's steps run
-        at the same time. policy=False trains the critic alone (critic warm-up)."""
+        """ppo_epochs passes over shuffled mini-batches. Every step of both groups is queued at
+        once (a rank runs its calls in order): the policy and the critic each go through their
+        steps at their own pace, with no driver round trip between steps and no group waiting
+        for the other's. policy=False trains the critic alone (critic warm-up)."""
         a = self.stage.algo
         temp = self.stage.rollout.sampling.temperature
         pol, cri = [], []
@@ -244,16 +248,14 @@ class PPOTrainer:
             order = self.rng.permutation(exp["n"])
             for start in range(0, exp["n"], a.mini_batch_size):
                 idx = order[start:start + a.mini_batch_size]
-                p = (self.groups["policy"].train_step_async(
-                    [exp["policy_rows"][i] for i in idx], loss="ppo_policy", clip_eps=a.clip_eps,
-                    dual_clip=a.dual_clip, entropy_coef=a.entropy_coef, temperature=temp if temp > 0 else 1.0)
-                     if policy else None)
-                c = (self.groups["critic"].train_step_async([exp["critic_rows"][i] for i in idx], loss="ppo_value",
-                                                            clip_eps=a.value_clip) if exp["critic_rows"] else None)
-                if p is not None:
-                    pol.append(p.result())
-                if c is not None:
-                    cri.append(c.result())
+                if policy:
+                    pol.append(self.groups["policy"].train_step_async(
+                        [exp["policy_rows"][i] for i in idx], loss="ppo_policy", clip_eps=a.clip_eps,
+                        dual_clip=a.dual_clip, entropy_coef=a.entropy_coef, temperature=temp if temp > 0 else 1.0))
+                if exp["critic_rows"]:
+                    cri.append(self.groups["critic"].train_step_async(
+                        [exp["critic_rows"][i] for i in idx], loss="ppo_value", clip_eps=a.value_clip))
+        pol, cri = [p.result() for p in pol], [c.result() for c in cri]
         out = {}
         if pol:
             out = {k: float(np.mean([m[k] for m in pol])) for k in ("policy_loss", "entropy", "clipfrac", "approx_kl")}
@@ -298,6 +300,33 @@ class PPOTrainer:
         return {"sync_s": rep.get("push_s", 0) + rep.get("gather_s", 0) + rep.get("verify_s", 0),
                 "sync_verify_s": rep.get("verify_s", 0.0), "sync_max_gap": rep.get("max_gap", float("nan"))}
 
+    # ---- checkpoints --------------------------------------------------------------------------
+    def save(self, ckpt_dir: Path, it: int, loop: dict) -> None:
+        """Policy and critic (DeepSpeed checkpoints, optimizer and LR schedule included) and the
+        loop's state: prompt cursor, shuffling RNG, KL coefficient, reward moments, and `loop`
+        (the metrics so far). trainer.json is written last, naming the iteration both group
+        checkpoints hold, so a crash mid-save resumes from the previous one."""
+        tag = f"step{it}"
+        for role in ("policy", "critic"):
+            if role in self.groups:
+                self.groups[role].save_checkpoint(ckpt_dir / role, it)
+        state = {"iteration": it, "tag": tag, "cursor": self.cursor, "rng": self.rng.bit_generator.state,
+                 "kl_coef": self.kl_ctl.value, "moments": vars(self.moments) if self.moments else None, **loop}
+        write_json_atomic(ckpt_dir / "trainer.json", state)
+
+    def restore(self, ckpt_dir: Path, state: dict) -> None:
+        """Load the checkpoint `state` names (see checkpoint_state) and push its policy into
+        the engines."""
+        for role in ("policy", "critic"):
+            if role in self.groups:
+                self.groups[role].load_checkpoint(ckpt_dir / role, state["tag"])
+        self.cursor = state["cursor"]
+        self.rng.bit_generator.state = state["rng"]
+        self.kl_ctl.value = state["kl_coef"]
+        if self.moments is not None and state["moments"]:
+            vars(self.moments).update(state["moments"])
+        self.sync()
+
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group
 
@@ -310,6 +339,27 @@ class PPOTrainer:
         self.groups, self._placements = {}, []
 
 
+def checkpoint_fingerprint(stage: PPO, artifacts: dict[str, str]) -> str:
+    """What a checkpoint must have been taken on to be resumed: the stage's config (except how
+    long it runs and how often it saves or evaluates) and the models it started from."""
+    cfg = stage.model_dump(mode="json")
+    cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in ("iterations", "checkpoint_every", "eval_every")}
+    return hashlib.sha256(json.dumps([cfg, artifacts], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def checkpoint_state(stage: PPO, ckpt_dir: Path, fingerprint: str) -> dict | None:
+    """The loop state of the last checkpoint, None when there is none. Checked before any group
+    starts: a checkpoint of another config or other models is refused, naming both."""
+    path = ckpt_dir / "trainer.json"
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text())
+    if state.get("data") != fingerprint:
+        raise ValueError(f"{stage.name}: the checkpoint in {ckpt_dir} was taken with another config or other "
+                         f"models ({state.get('data')} != {fingerprint}); remove it to start over")
+    return state
+
+
 def run_ppo(stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, str], metrics_path: Path | None = None,
             progress: bool = True) -> dict:
     """Returns the stage summary; the trained policy is at <out_dir>/model."""
@@ -317,19 +367,26 @@ def run_ppo(stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, str], met
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = metrics_path or out_dir / "metrics.jsonl"
     say = print if progress else (lambda *a, **k: None)
-    trainer = PPOTrainer(stage, out_dir, seed, artifacts, say)
+    ckpt_dir, fingerprint = out_dir / "checkpoints", checkpoint_fingerprint(stage, artifacts)
+    state = checkpoint_state(stage, ckpt_dir, fingerprint)
+    trainer = PPOTrainer(stage, out_dir, seed, artifacts)
     log = lambda rec: append_jsonl(metrics_path, {"stage": stage.name, **rec})  # noqa: E731
     try:
         say(f"[rayllm] {stage.name}: groups {', '.join(f'{r} ({g.world_size} rank(s), ZeRO-{g.cfg.zero_stage})' for r, g in trainer.groups.items())}; "
             f"{stage.rollout.num_engines} {stage.rollout.backend} engine(s); {len(trainer.train_records)} prompts, "
             f"{len(trainer.eval_records)} held out", flush=True)
-        first = trainer.evaluate()
-        log({"step": 0, **{k: v for k, v in first.items() if k != "eval_examples"}})
+        if state is None:
+            first, history, start = trainer.evaluate(), [], 1
+            first.pop("eval_examples", None)
+            log({"step": 0, **first})
+        else:
+            trainer.restore(ckpt_dir, state)
+            first, history, start = state["first"], state["history"], state["iteration"] + 1
+            say(f"[rayllm] {stage.name}: resumed after iteration {state['iteration']} from {ckpt_dir}", flush=True)
         iters = stage.train.iterations
-        bar = tqdm(total=iters, desc=stage.name, disable=not progress, unit="iter",
+        bar = tqdm(total=iters, initial=start - 1, desc=stage.name, disable=not progress, unit="iter",
                    mininterval=0.2 if sys.stderr.isatty() else 15.0)
-        history = []
-        for it in range(1, iters + 1):
+        for it in range(start, iters + 1):
             exp = trainer.make_experience(trainer.next_prompts())
             t = time.perf_counter()
             update_policy = it > stage.train.critic_warmup or "critic" not in trainer.groups
@@ -345,6 +402,8 @@ def run_ppo(stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, str], met
             log({"step": it, **m})
             bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m['kl']:.3f}")
             bar.update(1)
+            if stage.train.checkpoint_every and it % stage.train.checkpoint_every == 0 and it < iters:
+                trainer.save(ckpt_dir, it, {"data": fingerprint, "first": first, "history": history})
         bar.close()
         last = trainer.evaluate()
         log({"step": iters, **{k: v for k, v in last.items() if k != "eval_examples"}})

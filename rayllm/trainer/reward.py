@@ -28,7 +28,8 @@ from rayllm.datasets.preference import (
 )
 from rayllm.group import ModelGroup
 from rayllm.group.model_group import total_steps
-from rayllm.io import append_jsonl
+from rayllm.io import append_jsonl, write_json_atomic
+from rayllm.datasets import tasks
 from rayllm.trainer.checkpoints import resume_state
 from rayllm.models import load_tokenizer, resolve_model, value_model_from
 from rayllm.trainer.sft_data import epoch_order
@@ -86,16 +87,76 @@ def reward_init_model(stage: RewardModel, out_dir: Path, seed: int, artifacts: d
     return model_path, model_path
 
 
-def evaluate(group: ModelGroup, held: list[tuple[dict, dict]]) -> dict:
+def policy_pairs(stage: RewardModel, pairs: list[dict], artifacts: dict[str, str], tok, out_dir: Path,
+                 say=print) -> tuple[list[dict], dict]:
+    """`stage.policy_samples`: the starting policy's own wrong answers as rejected responses
+    (see PolicySamplesConfig). The pairs are written to <out_dir>/policy_pairs.jsonl once, so a
+    resumed stage trains on the same pairs without sampling again."""
+    from rayllm.datasets.prompts import encode_prompt
+    from rayllm.datasets.preference import pairs_from_samples
+    from rayllm.hooks import load_hook
+    from rayllm.io import read_jsonl, write_jsonl_atomic
+    from rayllm.rollout import RolloutPool
+
+    ps = stage.policy_samples
+    cache, meta_path = out_dir / "policy_pairs.jsonl", out_dir / "policy_pairs.json"
+    key = hashlib.sha256((ps.model_dump_json() + stage.data.model_dump_json() + json.dumps(artifacts, sort_keys=True)
+                          + (stage.model.model_dump_json() if stage.model else "")).encode()).hexdigest()[:16]
+    if cache.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.pop("key", None) == key:
+            return read_jsonl(cache), meta
+    if ps.score_fn:
+        score = load_hook(ps.score_fn, "policy_samples.score_fn")
+    else:
+        task = stage.data.source.split(":", 1)[1] if stage.data.source.startswith("bundled:") else None
+        score = tasks.SCORERS.get(task)
+        if score is None:
+            raise ValueError(f"{stage.name}: policy_samples needs a checker: set policy_samples.score_fn, or use a "
+                             f"bundled task with one ({sorted(tasks.SCORERS)})")
+    if stage.model is not None and stage.model.path is not None and not _is_sequence_classifier(
+            resolve_model(stage.model, kind="causal_lm")[0]):
+        policy = resolve_model(stage.model, kind="causal_lm")[0]
+    elif artifacts.get("sft"):
+        policy = Path(artifacts["sft"])
+    else:
+        raise ValueError(f"{stage.name}: policy_samples needs a policy to sample: an earlier SFT stage, or "
+                         "`model.path` pointing at a causal LM")
+    t = time.time()
+    recs = pairs[: ps.num_prompts]
+    prompts = [encode_prompt(tok, r["prompt"]) for r in recs]
+    pool = RolloutPool(ps.rollout, policy, name=f"{stage.name}/samples")
+    try:
+        samples = pool.generate(prompts, ps.rollout.sampling)
+    finally:
+        pool.shutdown()
+    texts: list[list[str]] = [[] for _ in recs]
+    for x in sorted(samples, key=lambda x: (x.prompt_index, x.sample_index)):
+        texts[x.prompt_index].append(tok.decode(x.response_ids, skip_special_tokens=True))
+    out, meta = pairs_from_samples(recs, texts, score, ps.max_pairs_per_prompt)
+    meta["policy_samples_s"] = time.time() - t
+    say(f"[rayllm] {stage.name}: sampled {len(samples)} responses from {policy} in {meta['policy_samples_s']:.0f} s; "
+        f"the checker passed {meta['policy_sample_accuracy']:.1%}; {len(out)} on-policy pairs", flush=True)
+    write_jsonl_atomic(cache, out)
+    write_json_atomic(meta_path, {**meta, "key": key})
+    return out, meta
+
+
+def evaluate(group: ModelGroup, held: list[tuple[dict, dict]], origins: list[str] | None = None) -> dict:
     """Held-out pairwise accuracy (ties count as wrong), mean margin score(chosen) - score(rejected),
-    and the mean Bradley-Terry loss, from the group's scores of the rows."""
+    and the mean Bradley-Terry loss, from the group's scores of the rows; with `origins`, also
+    the accuracy of the on-policy pairs ("policy") alone."""
     scores = torch.tensor(group.scores(flatten_pairs(held)), dtype=torch.float64)
     chosen, rejected = scores[0::2], scores[1::2]
-    return {
+    out = {
         "eval_accuracy": pairwise_accuracy(chosen, rejected),
         "eval_margin": float((chosen - rejected).mean()),
         "eval_loss": float(pairwise_loss(chosen, rejected).mean()),
     }
+    if origins and "policy" in origins:
+        idx = torch.tensor([o == "policy" for o in origins])
+        out["eval_accuracy_policy_pairs"] = pairwise_accuracy(chosen[idx], rejected[idx])
+    return out
 
 
 def run_reward(stage: RewardModel, out_dir: Path, seed: int = 0, artifacts: dict[str, str] | None = None,
@@ -114,10 +175,17 @@ def run_reward(stage: RewardModel, out_dir: Path, seed: int = 0, artifacts: dict
     tok = load_tokenizer(tok_path)
 
     d = stage.data
-    train_pairs, held_pairs = split_pairs(load_pairs(d, seed), d.eval_fraction, seed)
+    pairs = load_pairs(d, seed)
+    sampled = {}
+    if stage.policy_samples is not None:
+        extra, sampled = policy_pairs(stage, pairs, artifacts or {}, tok, out_dir, say)
+        pairs = pairs + extra
+    train_pairs, held_pairs = split_pairs(pairs, d.eval_fraction, seed)
     tokenized = [tokenize_pair(tok, p, d.max_length) for p in train_pairs]
     train_rows = [t for t in tokenized if pair_is_informative(*t)]
-    held = [t for t in (tokenize_pair(tok, p, d.max_length) for p in held_pairs) if pair_is_informative(*t)]
+    held_tok = [(tokenize_pair(tok, p, d.max_length), p.get("origin", "data")) for p in held_pairs]
+    held = [t for t, _ in held_tok if pair_is_informative(*t)]
+    origins = [o for t, o in held_tok if pair_is_informative(*t)]
     dropped = len(tokenized) - len(train_rows)
     G = stage.train.global_batch_size
     if len(train_rows) < G:
@@ -139,7 +207,7 @@ def run_reward(stage: RewardModel, out_dir: Path, seed: int = 0, artifacts: dict
         step = state["step"]
         log = lambda rec: append_jsonl(metrics_path, {"stage": stage.name, **rec})  # noqa: E731
         if step == 0 or "eval_accuracy_initial" not in state:
-            initial = evaluate(group, held)
+            initial = evaluate(group, held, origins)
             if step == 0:
                 log({"step": 0, **initial})
             initial_accuracy = initial["eval_accuracy"]
@@ -155,7 +223,7 @@ def run_reward(stage: RewardModel, out_dir: Path, seed: int = 0, artifacts: dict
             epoch = (step - 1) // train.steps_per_epoch
             rec = {"step": step, "epoch": epoch, "step_time_s": time.time() - t, **m}
             if stage.train.eval_every and step % stage.train.eval_every == 0 and step < n_steps:
-                rec.update(evaluate(group, held))
+                rec.update(evaluate(group, held, origins))
             log(rec)
             bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}")
             bar.update(1)
@@ -163,7 +231,7 @@ def run_reward(stage: RewardModel, out_dir: Path, seed: int = 0, artifacts: dict
                 group.save_checkpoint(ckpt_dir, step, {"data": train.fingerprint, "pairs_consumed": step * G,
                                                        "eval_accuracy_initial": initial_accuracy})
         bar.close()
-        final = evaluate(group, held)
+        final = evaluate(group, held, origins)
         log({"step": step, **final})
         group.save_hf(out_dir / "model")
     finally:
@@ -178,6 +246,9 @@ def run_reward(stage: RewardModel, out_dir: Path, seed: int = 0, artifacts: dict
         "eval_accuracy_initial": initial_accuracy,
         "eval_accuracy_final": final["eval_accuracy"],
         "eval_margin_final": final["eval_margin"],
+        **({"eval_accuracy_policy_pairs_final": final["eval_accuracy_policy_pairs"]}
+           if "eval_accuracy_policy_pairs" in final else {}),
+        **sampled,
         "num_ranks": stage.group.num_ranks,
         "zero_stage": stage.group.zero_stage,
         "wall_time_s": time.time() - t_start,

@@ -15,7 +15,8 @@ SMALL = [
     "reward.data.num_examples=160", "reward.train.global_batch_size=16", "reward.train.max_steps=6",
     "reward.train.eval_every=0", "ppo.train.iterations=2", "ppo.train.rollout_batch_size=8",
     "ppo.rollout.sampling.n=2", "ppo.algo.mini_batch_size=8", "ppo.data.eval_prompts=8", "ppo.train.eval_every=0",
-    "ppo.train.critic_warmup=1",
+    "ppo.train.critic_warmup=1", "reward.policy_samples.num_prompts=16",
+    "reward.policy_samples.rollout.sampling.max_tokens=8",
 ]
 
 
@@ -31,6 +32,8 @@ def test_three_stages_chain_and_skip_when_finished(ray_cluster, tmp_path):
     # The reward model was built on the SFT model (its init copies the SFT trunk), and PPO started
     # from the SFT policy with the reward model scoring its samples.
     assert (tmp_path / "reward" / "init" / "config.json").is_file()
+    # The reward model also learned from the SFT policy's own wrong answers (policy_samples).
+    assert rm["policy_pairs"] > 0 and (tmp_path / "reward" / "policy_pairs.jsonl").is_file()
     assert 0.0 <= rm["eval_accuracy_final"] <= 1.0 and 0.0 <= ppo["ground_truth_final"] <= 1.0
     metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {m["stage"] for m in metrics} == {"sft", "reward", "ppo"}

@@ -1,6 +1,8 @@
 """PPO on four model groups (tiny-1m): one iteration updates the policy and the critic and leaves
 the reference and the reward model untouched; colocated groups share bundles; the pushed policy
 is verified in the engine; critic-free estimators run without a critic group."""
+import json
+
 import numpy as np
 import pytest
 
@@ -51,7 +53,7 @@ def test_ppo_iteration_trains_policy_and_critic_only(tmp_path, tiny_path):
         reference=GroupConfig(num_ranks=1, zero_stage=0, micro_batch_size=8, colocate_with="policy"),
         reward=GroupConfig(num_ranks=1, zero_stage=3, micro_batch_size=8, colocate_with="critic"),
     )
-    t = PPOTrainer(stage, tmp_path, seed=0, artifacts={"sft": str(tiny_path)}, say=lambda *a, **k: None)
+    t = PPOTrainer(stage, tmp_path, seed=0, artifacts={"sft": str(tiny_path)})
     try:
         assert set(t.groups) == {"policy", "reference", "reward", "critic"}
         assert t.groups["policy"].placement is t.groups["reference"].placement
@@ -92,7 +94,7 @@ def test_critic_free_estimators_train_without_a_critic(tmp_path, tiny_path, adva
     (tmp_path / "rule.py").write_text("def reward(response, record):\n    return float(len(response) % 3)\n")
     stage = _stage(reward_fn=f"{tmp_path / 'rule.py'}:reward", algo=PPOAlgoConfig(
         advantage=advantage, mini_batch_size=8, kl_estimator="k3"))
-    t = PPOTrainer(stage, tmp_path, seed=0, artifacts={"sft": str(tiny_path)}, say=lambda *a, **k: None)
+    t = PPOTrainer(stage, tmp_path, seed=0, artifacts={"sft": str(tiny_path)})
     try:
         assert set(t.groups) == {"policy", "reference"}
         before = _snapshot(t.groups["policy"])
@@ -116,3 +118,43 @@ def test_missing_inputs_are_named(tmp_path, tiny_path):
 
     with pytest.raises(HookError, match="reward_fn 'nope:fn'"):
         PPOTrainer(_stage(reward_fn="nope:fn"), tmp_path, 0, {"sft": str(tiny_path)})
+
+
+def test_interrupted_ppo_resumes_at_its_checkpoint(tmp_path, tiny_path, monkeypatch):
+    """Killed in iteration 4 with a checkpoint after iteration 2: the rerun does iterations 3
+    and 4 once more, and its iteration 3 is the one the first run had (same prompts, samples,
+    shuffles, KL coefficient and reward statistics, same policy and critic in the engine and
+    the groups), so nothing but time is lost."""
+    from rayllm.trainer.ppo import run_ppo
+
+    stage = _stage(reward_model=ModelConfig(tiny="tiny-1m", seed=1),
+                   algo=PPOAlgoConfig(mini_batch_size=8, ppo_epochs=2, kl_target=0.1, reward_normalize=True),
+                   data=PromptDataConfig(num_prompts=32, eval_prompts=0),
+                   train=PPOTrainConfig(iterations=4, rollout_batch_size=4, checkpoint_every=2))
+    real, calls = PPOTrainer.train, {"n": 0}
+
+    def dies_in_iteration_4(self, exp, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("worker lost")
+        return real(self, exp, **kw)
+
+    monkeypatch.setattr(PPOTrainer, "train", dies_in_iteration_4)
+    out, arts = tmp_path / "ppo", {"sft": str(tiny_path)}
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run_ppo(stage, out, 0, arts, progress=False)
+    first = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in first if "reward" in m] == [1, 2, 3]
+    assert json.loads((out / "checkpoints" / "trainer.json").read_text())["iteration"] == 2
+    s = run_ppo(stage, out, 0, arts, progress=False)
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "reward" in m] == [1, 2, 3, 3, 4]
+    was, now = first[-1], next(m for m in metrics[len(first):] if m.get("step") == 3)
+    for key in ("reward", "kl", "kl_coef", "policy_loss", "value_loss", "response_length"):
+        assert now[key] == pytest.approx(was[key], rel=1e-4, abs=1e-5), key
+    assert s["iterations"] == 4 and (out / "model" / "config.json").is_file()
+    assert s["reward_initial"] == pytest.approx(np.mean([m["reward"] for m in first[1:4]]))  # history kept
+
+    other = stage.model_copy(update={"algo": PPOAlgoConfig(mini_batch_size=8, kl_coef=0.3)})
+    with pytest.raises(ValueError, match="another config"):
+        run_ppo(other, out, 0, arts, progress=False)

@@ -156,3 +156,43 @@ def test_interrupted_stage_resumes_at_its_checkpoint(tiny_path, tmp_path, monkey
     assert resumed_4["loss"] == pytest.approx(first[-1]["loss"], abs=1e-6)  # same pairs, same state
     assert s["eval_accuracy_initial"] == first[0]["eval_accuracy"]
     assert (out / "model" / "config.json").is_file()
+
+
+def test_policy_samples_add_the_policys_own_mistakes(tiny_path, tmp_path, monkeypatch):
+    """policy_samples: the starting policy (here the untrained tiny model, so nearly every sample
+    is wrong) answers the pairs' prompts; its wrong answers, labelled by the task's checker,
+    join the pairs as rejected responses (held-out accuracy reported on them alone), and a
+    rerun reuses the written pairs without sampling again."""
+    from rayllm.config import PolicySamplesConfig, RolloutConfig, SamplingConfig
+    from rayllm.datasets.tasks import sort_score
+    from rayllm.io import read_jsonl
+    from rayllm.trainer import reward as reward_mod
+
+    stage = RewardModel(
+        name="rm", group=GroupConfig(num_ranks=1, zero_stage=2, micro_batch_size=8, cpus_per_rank=0.5),
+        data=PreferenceDataConfig(source="bundled:sort", num_examples=64, eval_fraction=0.25),
+        policy_samples=PolicySamplesConfig(num_prompts=24, max_pairs_per_prompt=2, rollout=RolloutConfig(
+            cpus_per_engine=0.5, chunk_size=8, sampling=SamplingConfig(n=3, temperature=1.0, max_tokens=8))),
+        train=TrainConfig(global_batch_size=8, max_steps=2),
+    )
+    out = tmp_path / "rm"
+    s = run_reward(stage, out, seed=0, artifacts={"sft": str(tiny_path)}, progress=False)
+    pairs = read_jsonl(out / "policy_pairs.jsonl")
+    assert s["policy_pairs"] == len(pairs) > 24  # 24 prompts, up to 2 distinct wrong answers each
+    assert 0.0 <= s["policy_sample_accuracy"] < 0.5
+    by_prompt = {}
+    for p in pairs:
+        assert p["origin"] == "policy" and sort_score(p["chosen"], p) == 1.0 and sort_score(p["rejected"], p) == 0.0
+        by_prompt.setdefault(p["prompt"], []).append(p["rejected"])
+    assert all(len(v) == len(set(v)) <= 2 for v in by_prompt.values())
+    assert s["train_pairs"] + s["eval_pairs"] == 64 + len(pairs)
+    assert 0.0 <= s["eval_accuracy_policy_pairs_final"] <= 1.0
+
+    class NoSampling:
+        def __init__(self, *a, **k):
+            raise AssertionError("the rerun sampled again")
+
+    monkeypatch.setattr("rayllm.rollout.RolloutPool", NoSampling)
+    (out / "model").rename(out / "model.first")
+    s2 = reward_mod.run_reward(stage, out, seed=0, artifacts={"sft": str(tiny_path)}, progress=False)
+    assert s2["policy_pairs"] == len(pairs) and s2["train_pairs"] == s["train_pairs"]

@@ -160,6 +160,20 @@ def test_killed_engine_mid_batch_loses_no_prompt(pool):
     assert len(pool._alive()) == 2
 
 
+def test_seeded_batch_beyond_one_step_token_budget(pool):
+    """vLLM rewinds a seeded request's generator when its prefill spans two engine steps, which
+    CPU generators cannot do ("CPU Generator does not use offset" killed the engine). 2 prompts
+    x 8 samples x 300 tokens exceed the CPU engine's 4096-token step budget in one chunk."""
+    prompts = [[5 + (i * 7 + k) % 200 for k in range(300)] for i in range(2)]
+    restarts = pool.restarts
+    out = pool.generate(prompts, SamplingConfig(n=8, temperature=1.0, max_tokens=2, seed=5))
+    assert sorted((x.prompt_index, x.sample_index) for x in out) == [(i, j) for i in range(2) for j in range(8)]
+    assert pool.restarts == restarts
+    again = pool.generate(prompts, SamplingConfig(n=8, temperature=1.0, max_tokens=2, seed=5))
+    by_key = lambda xs: {(x.prompt_index, x.sample_index): x.response_ids for x in xs}  # noqa: E731
+    assert by_key(again) == by_key(out)  # seeded: reproducible
+
+
 def test_lora_adapter_arrives_merged(tiny_path, pool, cpool):
     g = _policy(tiny_path, lora=True)
     try:

@@ -107,3 +107,18 @@ def test_jsonl_renamed_field_is_named(tmp_path):
     f.write_text("\n")
     with pytest.raises(DataError, match="no records"):
         load_pairs(PreferenceDataConfig(source=str(f)))
+
+
+def test_policy_samples_become_pairs_against_the_chosen_response():
+    from rayllm.datasets.preference import pairs_from_samples
+    from rayllm.datasets.tasks import sort_score
+
+    recs = [{"prompt": "Sort: 3 1 2", "chosen": "1 2 3", "answer": [1, 2, 3]},
+            {"prompt": "Sort: 2 2", "chosen": "2 2", "answer": [2, 2]}]
+    samples = [["1 2 3", "1 3 2", "1 3 2 ", "3 2 1", "1 2"],  # right, wrong, same wrong, wrong, wrong
+               ["2 2", "2 2"]]  # all right: no pair
+    pairs, stats = pairs_from_samples(recs, samples, sort_score, max_per_prompt=2)
+    # distinct wrong answers in sampling order, at most 2 per prompt, each against the chosen one
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("1 2 3", "1 3 2"), ("1 2 3", "3 2 1")]
+    assert all(p["origin"] == "policy" and p["answer"] == [1, 2, 3] for p in pairs)
+    assert stats == {"policy_sample_accuracy": 3 / 7, "policy_pairs": 2}
