@@ -394,7 +394,8 @@ def run_ppo(stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, str], met
             m["train_s"] = time.perf_counter() - t
             # The engines already hold the weights of a policy that did not step.
             m.update(trainer.sync() if update_policy else {"sync_s": 0.0})
-            trainer.kl_ctl.update(exp["metrics"]["kl"], exp["n"])
+            if update_policy:  # a policy held still (warm-up) says nothing about the KL it would drift to
+                trainer.kl_ctl.update(exp["metrics"]["kl"], exp["n"])
             m["iteration_s"] = m["generate_s"] + m["experience_s"] + m["train_s"] + m["sync_s"]
             if stage.train.eval_every and it % stage.train.eval_every == 0 and it < iters:
                 m.update({k: v for k, v in trainer.evaluate().items() if k != "eval_examples"})

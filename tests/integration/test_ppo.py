@@ -121,16 +121,16 @@ def test_missing_inputs_are_named(tmp_path, tiny_path):
 
 
 def test_interrupted_ppo_resumes_at_its_checkpoint(tmp_path, tiny_path, monkeypatch):
-    """Killed in iteration 4 with a checkpoint after iteration 2: the rerun does iterations 3
-    and 4 once more, and its iteration 3 is the one the first run had (same prompts, samples,
-    shuffles, KL coefficient and reward statistics, same policy and critic in the engine and
-    the groups), so nothing but time is lost."""
+    """Killed in iteration 4 with a checkpoint after iteration 2 (iteration 1 is the critic's
+    warm-up): the rerun does iterations 3 and 4 once more, and its iteration 3 is the one the
+    first run had (same prompts, samples, shuffles, KL coefficient and reward statistics, same
+    policy and critic in the engine and the groups), so nothing but time is lost."""
     from rayllm.trainer.ppo import run_ppo
 
     stage = _stage(reward_model=ModelConfig(tiny="tiny-1m", seed=1),
                    algo=PPOAlgoConfig(mini_batch_size=8, ppo_epochs=2, kl_target=0.1, reward_normalize=True),
                    data=PromptDataConfig(num_prompts=32, eval_prompts=0),
-                   train=PPOTrainConfig(iterations=4, rollout_batch_size=4, checkpoint_every=2))
+                   train=PPOTrainConfig(iterations=4, rollout_batch_size=4, checkpoint_every=2, critic_warmup=1))
     real, calls = PPOTrainer.train, {"n": 0}
 
     def dies_in_iteration_4(self, exp, **kw):
@@ -145,6 +145,8 @@ def test_interrupted_ppo_resumes_at_its_checkpoint(tmp_path, tiny_path, monkeypa
         run_ppo(stage, out, 0, arts, progress=False)
     first = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in first if "reward" in m] == [1, 2, 3]
+    # The adaptive KL coefficient holds still while the policy does (critic warm-up), then moves.
+    assert first[1]["kl_coef"] == first[2]["kl_coef"] == 0.05 != first[3]["kl_coef"]
     assert json.loads((out / "checkpoints" / "trainer.json").read_text())["iteration"] == 2
     s = run_ppo(stage, out, 0, arts, progress=False)
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
