@@ -261,8 +261,9 @@ class PreferenceDataConfig(Strict):
 
 
 class PolicySamplesConfig(Strict):
-    """Preference pairs from the policy's own mistakes: the model the reward stage starts from
-    (the SFT policy) samples `rollout.sampling.n` responses for each of `num_prompts` prompts of
+    """Preference pairs from the policy's own mistakes: the latest policy (an earlier PPO
+    stage's, else the SFT model; or `model.path` when that is a causal LM) samples
+    `rollout.sampling.n` responses for each of `num_prompts` prompts of
     the preference data, a checker labels them, and every distinct wrong response becomes the
     rejected side of a pair against the record's chosen response. Hand-made near misses teach a
     reward model the mistakes someone imagined; these teach it the ones PPO will start from

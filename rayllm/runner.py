@@ -99,7 +99,7 @@ def _print_summary(summary: dict, report: Path) -> None:
             sampled = (f"; sampled {s['ground_truth_sampled_initial']:.3f} -> {s['ground_truth_sampled_final']:.3f}"
                        if "ground_truth_sampled_final" in s else "")
             print(f"  {s['stage']}: ground-truth score on {s['eval_prompts']} held-out prompts, greedy "
-                  f"{s['ground_truth_initial']:.3f} (SFT policy) -> {s['ground_truth_final']:.3f} (PPO policy){sampled}; "
+                  f"{s['ground_truth_initial']:.3f} (starting policy) -> {s['ground_truth_final']:.3f} (PPO policy){sampled}; "
                   f"reward {s['reward_initial']:.3f} -> {s['reward_final']:.3f} over {s['iterations']} iterations; "
                   f"model at {s['model']}")
     print(f"  report: {report}")

@@ -61,7 +61,12 @@ def resolve_inputs(stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, st
     def given(m, kind="causal_lm"):
         return resolve_model(m, kind)[0] if m is not None else None
 
-    policy = given(stage.policy_model) or (Path(artifacts["sft"]) if "sft" in artifacts else None)
+    sft = Path(artifacts["sft"]) if "sft" in artifacts else None
+    # After an earlier PPO stage the next one continues from its policy (iterated RLHF: a new
+    # reward model on that policy's samples in between), still anchored to the SFT model.
+    latest = Path(artifacts["ppo"]) if "ppo" in artifacts else sft
+    policy = given(stage.policy_model) or latest
+    reference = policy if stage.policy_model is not None else (sft or policy)
     if policy is None:
         raise ValueError(f"{stage.name}: no policy model: set policy_model or run an SFT stage before it")
     reward = None
@@ -74,7 +79,7 @@ def resolve_inputs(stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, st
         # OpenRLHF's default: the critic starts from the reward model, which already maps a
         # sequence to how good it is; with a rule-based reward, from the policy's trunk.
         critic = given(stage.critic_model, "critic") or reward or value_model_from(policy, out_dir / "critic_init", seed)
-    return {"policy": policy, "reference": policy, "reward": reward, "critic": critic}
+    return {"policy": policy, "reference": reference, "reward": reward, "critic": critic}
 
 
 def placements(cfgs: dict[str, GroupConfig]) -> dict[str, Placement]:

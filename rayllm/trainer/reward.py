@@ -117,10 +117,10 @@ def policy_pairs(stage: RewardModel, pairs: list[dict], artifacts: dict[str, str
     if stage.model is not None and stage.model.path is not None and not _is_sequence_classifier(
             resolve_model(stage.model, kind="causal_lm")[0]):
         policy = resolve_model(stage.model, kind="causal_lm")[0]
-    elif artifacts.get("sft"):
-        policy = Path(artifacts["sft"])
+    elif artifacts.get("ppo") or artifacts.get("sft"):  # the latest policy: iterated RLHF samples PPO's
+        policy = Path(artifacts.get("ppo") or artifacts["sft"])
     else:
-        raise ValueError(f"{stage.name}: policy_samples needs a policy to sample: an earlier SFT stage, or "
+        raise ValueError(f"{stage.name}: policy_samples needs a policy to sample: an earlier SFT or PPO stage, or "
                          "`model.path` pointing at a causal LM")
     t = time.time()
     recs = pairs[: ps.num_prompts]

@@ -160,3 +160,18 @@ def test_interrupted_ppo_resumes_at_its_checkpoint(tmp_path, tiny_path, monkeypa
     other = stage.model_copy(update={"algo": PPOAlgoConfig(mini_batch_size=8, kl_coef=0.3)})
     with pytest.raises(ValueError, match="another config"):
         run_ppo(other, out, 0, arts, progress=False)
+
+
+def test_a_later_ppo_stage_continues_from_the_earlier_policy(tmp_path):
+    """Iterated RLHF (SFT, RM, PPO, RM, PPO): the second PPO stage starts from the first one's
+    policy and keeps the SFT model as its reference; the first starts from the SFT model."""
+    from pathlib import Path
+
+    from rayllm.trainer.ppo import resolve_inputs
+
+    first = resolve_inputs(_stage(), tmp_path, 0, {"sft": "/m/sft", "reward": "/m/rm"})
+    assert first == {"policy": Path("/m/sft"), "reference": Path("/m/sft"), "reward": Path("/m/rm"),
+                     "critic": Path("/m/rm")}
+    second = resolve_inputs(_stage(), tmp_path, 0, {"sft": "/m/sft", "reward": "/m/rm2", "ppo": "/m/ppo"})
+    assert second == {"policy": Path("/m/ppo"), "reference": Path("/m/sft"), "reward": Path("/m/rm2"),
+                      "critic": Path("/m/rm2")}
