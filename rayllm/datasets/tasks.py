@@ -129,6 +129,17 @@ SCORERS = {"arithmetic": arithmetic_score, "sort": sort_score, "sort_noisy": sor
 WRONG = {"arithmetic": arithmetic_wrong_response, "sort": sort_wrong_response}
 
 
+def scorer(source: str, spec: str | None = None, what: str = "score_fn"):
+    """The ground-truth checker fn(response, record) -> float for data from `source`: the hook
+    `spec` ("module:function" or "file.py:function") when given, else the bundled task's own
+    (None for other sources)."""
+    if spec:
+        from rayllm.hooks import load_hook
+
+        return load_hook(spec, what)
+    return SCORERS.get(source.split(":", 1)[1]) if source.startswith("bundled:") else None
+
+
 def bundled(name: str, n: int, seed: int = 0) -> list[dict]:
     if name not in BUNDLED:
         raise ValueError(f"unknown bundled task {name!r}; known: {sorted(BUNDLED)}")

@@ -105,7 +105,7 @@ class ModelGroup:
         master = (nodes[0][1], ray.get(self.workers[0].free_port.remote()))
         self._masters.append(master)
         # Identifies this formation of the ranks: a weight channel joined by an earlier one is stale.
-        self.formation = (next(_FORMATIONS), len(self._masters))
+        self.formation = next(_FORMATIONS)
         cfg_json = self.cfg.model_dump_json()
         gather([
             w.setup.remote(r, len(self.workers), master, local[r], self.name, self.model_path, self.kind,

@@ -47,6 +47,7 @@ from rayllm.algorithms import (
 )
 from rayllm.config import PPO, GroupConfig
 from rayllm.datasets.prompts import encode_prompt, load_prompts
+from rayllm.datasets.tasks import scorer
 from rayllm.group import ModelGroup, Placement
 from rayllm.hooks import load_hook
 from rayllm.io import append_jsonl, write_json_atomic
@@ -113,8 +114,7 @@ class PPOTrainer:
         paths = resolve_inputs(stage, out_dir, seed, artifacts)
         self.tok = load_tokenizer(paths["policy"])
         self.reward_fn = load_hook(stage.reward_fn, "reward_fn") if stage.reward_fn else None
-        task = stage.data.source.split(":", 1)[1] if stage.data.source.startswith("bundled:") else None
-        self.score_fn = self._scorer(stage.score_fn, task)
+        self.score_fn = scorer(stage.data.source, stage.score_fn)
         self.train_records, self.eval_records = load_prompts(stage.data, seed)
         n = stage.train.rollout_batch_size * stage.rollout.sampling.n
         updates = stage.train.iterations * a.ppo_epochs * (n // a.mini_batch_size)
@@ -137,14 +137,6 @@ class PPOTrainer:
         self.moments = RunningMoments() if a.reward_normalize else None
         self.rng = np.random.default_rng(seed)
         self.cursor = 0
-
-    @staticmethod
-    def _scorer(spec: str | None, task: str | None):
-        from rayllm.datasets.tasks import SCORERS
-
-        if spec:
-            return load_hook(spec, "score_fn")
-        return SCORERS.get(task)
 
     # ---- one iteration ------------------------------------------------------------------------
     def next_prompts(self) -> list[dict]:
@@ -311,11 +303,8 @@ class PPOTrainer:
         loop's state: prompt cursor, shuffling RNG, KL coefficient, reward moments, and `loop`
         (the metrics so far). trainer.json is written last, naming the iteration both group
         checkpoints hold, so a crash mid-save resumes from the previous one."""
-        tag = f"step{it}"
-        for role in ("policy", "critic"):
-            if role in self.groups:
-                self.groups[role].save_checkpoint(ckpt_dir / role, it)
-        state = {"iteration": it, "tag": tag, "cursor": self.cursor, "rng": self.rng.bit_generator.state,
+        tags = {self.groups[r].save_checkpoint(ckpt_dir / r, it) for r in ("policy", "critic") if r in self.groups}
+        state = {"iteration": it, "tag": tags.pop(), "cursor": self.cursor, "rng": self.rng.bit_generator.state,
                  "kl_coef": self.kl_ctl.value, "moments": vars(self.moments) if self.moments else None, **loop}
         write_json_atomic(ckpt_dir / "trainer.json", state)
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from rayllm.algorithms import pairwise_accuracy, pairwise_loss
 from rayllm.config import RewardModel
+from rayllm.datasets import tasks
 from rayllm.datasets.preference import (
     flatten_pairs,
     load_pairs,
@@ -29,7 +30,6 @@ from rayllm.datasets.preference import (
 from rayllm.group import ModelGroup
 from rayllm.group.model_group import total_steps
 from rayllm.io import append_jsonl, write_json_atomic
-from rayllm.datasets import tasks
 from rayllm.trainer.checkpoints import resume_state
 from rayllm.models import load_tokenizer, resolve_model, value_model_from
 from rayllm.trainer.sft_data import epoch_order
@@ -94,7 +94,6 @@ def policy_pairs(stage: RewardModel, pairs: list[dict], artifacts: dict[str, str
     resumed stage trains on the same pairs without sampling again."""
     from rayllm.datasets.prompts import encode_prompt
     from rayllm.datasets.preference import pairs_from_samples
-    from rayllm.hooks import load_hook
     from rayllm.io import read_jsonl, write_jsonl_atomic
     from rayllm.rollout import RolloutPool
 
@@ -106,17 +105,13 @@ def policy_pairs(stage: RewardModel, pairs: list[dict], artifacts: dict[str, str
         meta = json.loads(meta_path.read_text())
         if meta.pop("key", None) == key:
             return read_jsonl(cache), meta
-    if ps.score_fn:
-        score = load_hook(ps.score_fn, "policy_samples.score_fn")
-    else:
-        task = stage.data.source.split(":", 1)[1] if stage.data.source.startswith("bundled:") else None
-        score = tasks.SCORERS.get(task)
-        if score is None:
-            raise ValueError(f"{stage.name}: policy_samples needs a checker: set policy_samples.score_fn, or use a "
-                             f"bundled task with one ({sorted(tasks.SCORERS)})")
-    if stage.model is not None and stage.model.path is not None and not _is_sequence_classifier(
-            resolve_model(stage.model, kind="causal_lm")[0]):
-        policy = resolve_model(stage.model, kind="causal_lm")[0]
+    score = tasks.scorer(stage.data.source, ps.score_fn, "policy_samples.score_fn")
+    if score is None:
+        raise ValueError(f"{stage.name}: policy_samples needs a checker: set policy_samples.score_fn, or use a "
+                         f"bundled task with one ({sorted(tasks.SCORERS)})")
+    given = resolve_model(stage.model, kind="causal_lm")[0] if stage.model is not None and stage.model.path else None
+    if given is not None and not _is_sequence_classifier(given):
+        policy = given
     elif artifacts.get("ppo") or artifacts.get("sft"):  # the latest policy: iterated RLHF samples PPO's
         policy = Path(artifacts.get("ppo") or artifacts["sft"])
     else:
@@ -184,8 +179,8 @@ def run_reward(stage: RewardModel, out_dir: Path, seed: int = 0, artifacts: dict
     tokenized = [tokenize_pair(tok, p, d.max_length) for p in train_pairs]
     train_rows = [t for t in tokenized if pair_is_informative(*t)]
     held_tok = [(tokenize_pair(tok, p, d.max_length), p.get("origin", "data")) for p in held_pairs]
-    held = [t for t, _ in held_tok if pair_is_informative(*t)]
-    origins = [o for t, o in held_tok if pair_is_informative(*t)]
+    held_tok = [(t, o) for t, o in held_tok if pair_is_informative(*t)]
+    held, origins = [t for t, _ in held_tok], [o for _, o in held_tok]
     dropped = len(tokenized) - len(train_rows)
     G = stage.train.global_batch_size
     if len(train_rows) < G:

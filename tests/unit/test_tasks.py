@@ -57,3 +57,11 @@ def test_reward_model_and_policy_see_one_token_layout(tokenizer):
     p, r = encode_prompt(tokenizer, "Sort: 3 1 2"), encode_response(tokenizer, "1 2 3")
     assert tokenizer.decode(p).endswith("<|assistant|>\n") and r[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(p + r, skip_special_tokens=False).count("<|end|>") == 2
+
+
+def test_scorer_is_the_hook_else_the_bundled_tasks_checker():
+    from rayllm.datasets.tasks import arithmetic_score, scorer, sort_score
+
+    assert scorer("bundled:sort") is sort_score and scorer("bundled:sort_noisy") is sort_score
+    assert scorer("data/prompts.jsonl") is None  # no checker for other sources unless named
+    assert scorer("bundled:sort", "rayllm.datasets.tasks:arithmetic_score") is arithmetic_score
