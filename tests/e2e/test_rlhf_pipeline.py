@@ -78,15 +78,14 @@ def test_a_changed_stage_invalidates_every_later_stage():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 5 open: PPO raises the sampled ground truth in every run (+0.08 to "
-                                        "+0.20) but lowers the greedy one in 3 of 4 (README, 'The demo's result'); "
-                                        "not strict, since one run of 4 passed")
 def test_demo_raises_the_ground_truth_score(ray_cluster, tmp_path):
-    """The README's demo, whole: PPO must beat the SFT policy on held-out prompts."""
+    """The README's demo, whole: PPO must beat the SFT policy on held-out prompts. Three seeds
+    (README) gave sampled +0.34 to +0.38 and greedy -0.03 to +0.00 (the SFT policy's greedy
+    answers are right 0.97 to 1.00 of the time already, so greedy can only hold)."""
     pipe = load_pipeline(ROOT / "pipelines/rlhf_tiny.py", [f"run_dir={tmp_path}"])
     sft, rm, ppo = run_pipeline(pipe, progress=False)["stages"]
     assert sft["eval_loss_final"] < 0.5 * sft["eval_loss_initial"]
-    assert rm["eval_accuracy_final"] > 0.6, rm
+    assert rm["eval_accuracy_final"] > 0.95, rm
     assert ppo["reward_final"] > ppo["reward_initial"], ppo
-    assert ppo["ground_truth_sampled_final"] >= ppo["ground_truth_sampled_initial"] + 0.05, ppo
-    assert ppo["ground_truth_final"] >= ppo["ground_truth_initial"] + 0.05, ppo
+    assert ppo["ground_truth_sampled_final"] >= ppo["ground_truth_sampled_initial"] + 0.2, ppo
+    assert ppo["ground_truth_final"] >= ppo["ground_truth_initial"] - 0.05, ppo

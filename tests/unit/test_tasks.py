@@ -11,7 +11,7 @@ from rayllm.datasets.sft import DataError
 from rayllm.datasets.tasks import SCORERS, WRONG, bundled
 
 
-@pytest.mark.parametrize("task", ["arithmetic", "sort"])
+@pytest.mark.parametrize("task", ["arithmetic", "sort", "sort_unique"])
 def test_correct_responses_score_one_and_near_misses_zero(task):
     rng = random.Random(0)
     for rec in bundled(task, 300, seed=1):
@@ -28,6 +28,29 @@ def test_sort_task_and_scorer():
     ex = bundled("sort", 200, seed=0)
     assert all(4 <= len(r["answer"]) <= 8 and r["answer"] == sorted(r["answer"]) for r in ex)
     assert all(sorted(map(int, r["prompt"].removeprefix("Sort: ").split())) == r["answer"] for r in ex)
+    unique = bundled("sort_unique", 200, seed=0)
+    assert all(len(set(r["answer"])) == len(r["answer"]) and max(r["answer"]) <= 9 for r in unique)
+    noisy = bundled("sort_unique_noisy", 400, seed=0)
+    wrong = [r for r in noisy if SCORERS["sort_unique_noisy"](r["response"], r) == 0.0]
+    assert 0.25 < len(wrong) / len(noisy) < 0.45  # the 35% near misses
+    assert all(0 <= int(x) <= 9 for r in wrong for x in r["response"].split())
+
+
+def test_sort_near_misses_include_miscounts():
+    # The mistake a tiny reward model missed until its data had it: one copy of a repeated
+    # number changed to a neighbouring value, re-sorted (same length, sorted, plausible).
+    from collections import Counter
+
+    rng = random.Random(0)
+    recs = [r for r in bundled("sort", 600, seed=2) if len(set(r["answer"])) < len(r["answer"])]
+    miscounts = 0
+    for rec in recs:
+        ys, wrong = rec["answer"], [int(x) for x in WRONG["sort"](rec, rng).split()]
+        lost, gained = Counter(ys) - Counter(wrong), Counter(wrong) - Counter(ys)
+        if wrong == sorted(wrong) and len(lost) == len(gained) == 1:
+            (v, n), (w, m) = *lost.items(), *gained.items()
+            miscounts += n == m == 1 and ys.count(v) > 1 and abs(v - w) == 1
+    assert len(recs) > 300 and 0.15 < miscounts / len(recs) < 0.4
 
 
 def test_arithmetic_scorer_reads_the_last_number():
