@@ -230,7 +230,11 @@ def _tokenize_and_pack(kept, cfg: DataPrepConfig, out: Path) -> dict:
     kept.context.execution_options.preserve_order = True  # deterministic windows under a seed
     tokens = kept.map_batches(tokenize, batch_format="numpy", batch_size=256).materialize()
     doc_lens = _column(tokens, "length")
-    packed = tokens.map_batches(pack_window, batch_format="numpy", batch_size=cfg.pack_window).materialize()
+    # Windows are equal shares of the id-sorted documents, one block each. Batches of pack_window
+    # rows were cut along the sort's blocks instead, whose sizes follow its sampled range bounds
+    # and so differ from run to run; so did the packed rows, and an SFT rerun's eval loss.
+    windows = max(1, -(-len(doc_lens) // cfg.pack_window))
+    packed = tokens.repartition(windows).map_batches(pack_window, batch_format="numpy", batch_size=None).materialize()
     kept.context.execution_options.preserve_order = ctx_order
     _replace_dir(out / "packed", lambda tmp: packed.write_parquet(str(tmp)))
     fill = _column(packed, "real_tokens")
