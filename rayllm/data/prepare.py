@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -233,7 +234,7 @@ def _tokenize_and_pack(kept, cfg: DataPrepConfig, out: Path) -> dict:
     # Windows are equal shares of the id-sorted documents, one block each. Batches of pack_window
     # rows were cut along the sort's blocks instead, whose sizes follow its sampled range bounds
     # and so differ from run to run; so did the packed rows, and an SFT rerun's eval loss.
-    windows = max(1, -(-len(doc_lens) // cfg.pack_window))
+    windows = max(1, math.ceil(len(doc_lens) / cfg.pack_window))
     packed = tokens.repartition(windows).map_batches(pack_window, batch_format="numpy", batch_size=None).materialize()
     kept.context.execution_options.preserve_order = ctx_order
     _replace_dir(out / "packed", lambda tmp: packed.write_parquet(str(tmp)))

@@ -303,8 +303,8 @@ class PPOTrainer:
         loop's state: prompt cursor, shuffling RNG, KL coefficient, reward moments, and `loop`
         (the metrics so far). trainer.json is written last, naming the iteration both group
         checkpoints hold, so a crash mid-save resumes from the previous one."""
-        tags = {self.groups[r].save_checkpoint(ckpt_dir / r, it) for r in ("policy", "critic") if r in self.groups}
-        state = {"iteration": it, "tag": tags.pop(), "cursor": self.cursor, "rng": self.rng.bit_generator.state,
+        (tag,) = {self.groups[r].save_checkpoint(ckpt_dir / r, it) for r in ("policy", "critic") if r in self.groups}
+        state = {"iteration": it, "tag": tag, "cursor": self.cursor, "rng": self.rng.bit_generator.state,
                  "kl_coef": self.kl_ctl.value, "moments": vars(self.moments) if self.moments else None, **loop}
         write_json_atomic(ckpt_dir / "trainer.json", state)
 

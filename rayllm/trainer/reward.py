@@ -110,10 +110,11 @@ def policy_pairs(stage: RewardModel, pairs: list[dict], artifacts: dict[str, str
         raise ValueError(f"{stage.name}: policy_samples needs a checker: set policy_samples.score_fn, or use a "
                          f"bundled task with one ({sorted(tasks.SCORERS)})")
     given = resolve_model(stage.model, kind="causal_lm")[0] if stage.model is not None and stage.model.path else None
+    latest = artifacts.get("ppo") or artifacts.get("sft")  # iterated RLHF samples the PPO policy
     if given is not None and not _is_sequence_classifier(given):
         policy = given
-    elif artifacts.get("ppo") or artifacts.get("sft"):  # the latest policy: iterated RLHF samples PPO's
-        policy = Path(artifacts.get("ppo") or artifacts["sft"])
+    elif latest:
+        policy = Path(latest)
     else:
         raise ValueError(f"{stage.name}: policy_samples needs a policy to sample: an earlier SFT or PPO stage, or "
                          "`model.path` pointing at a causal LM")
