@@ -96,8 +96,10 @@ def run_rayllm(a, paths: dict, records: list[dict]) -> dict:
         rollout=RolloutConfig(cpus_per_engine=0.5, chunk_size=a.batch, max_model_len=256, sampling=SamplingConfig(
             n=1, temperature=1.0, max_tokens=a.response_length, ignore_eos=True)),
         data=PromptDataConfig(num_prompts=a.batch, eval_prompts=0),
+        # Behaviour log-probs from the engine, as TRL takes them from generate's scores: neither
+        # side spends a policy forward on them.
         algo=PPOAlgoConfig(advantage="gae", gamma=1.0, lam=0.95, kl_coef=0.05, ppo_epochs=a.epochs,
-                           mini_batch_size=a.mini_batch, tis_cap=None),
+                           mini_batch_size=a.mini_batch, tis_cap=None, behavior_logprobs="engine"),
         train=PPOTrainConfig(iterations=a.warmup + a.iterations, rollout_batch_size=a.batch),
     )
     with tempfile.TemporaryDirectory() as d:
@@ -109,7 +111,7 @@ def run_rayllm(a, paths: dict, records: list[dict]) -> dict:
                 t0 = time.perf_counter()
                 exp = t.make_experience(t.next_prompts())
                 t1 = time.perf_counter()
-                t.train(exp)
+                steps = t.train(exp)
                 t2 = time.perf_counter()
                 sync = t.sync()
                 t3 = time.perf_counter()
@@ -118,7 +120,8 @@ def run_rayllm(a, paths: dict, records: list[dict]) -> dict:
                 if i >= a.warmup:
                     times.append(t3 - t0)
                     parts.append({"generate_s": exp["metrics"]["generate_s"], "experience_s": exp["metrics"]["experience_s"],
-                                  "train_s": t2 - t1, "sync_s": t3 - t2, "sync_max_gap": sync["sync_max_gap"]})
+                                  "train_s": t2 - t1, "sync_s": t3 - t2, "sync_max_gap": sync["sync_max_gap"],
+                                  "policy_step_s": steps["policy_step_s"], "critic_step_s": steps["critic_step_s"]})
         finally:
             t.shutdown()
             ray.shutdown()
@@ -166,6 +169,7 @@ def main() -> None:
         "rayllm_generate_s": ours["generate_s"], "rayllm_experience_s": ours["experience_s"],
         "rayllm_train_s": ours["train_s"], "rayllm_sync_verify_s": ours["sync_s"],
         "rayllm_sync_max_gap": ours["sync_max_gap"],
+        "rayllm_policy_step_s": ours["policy_step_s"], "rayllm_critic_step_s": ours["critic_step_s"],
         "trl_shipped_samples_per_s": trl["shipped"]["samples_per_s"],
         "trl_best_samples_per_s": trl[best_key]["samples_per_s"], "trl_best_setting": best_key,
         "trl_best_generate_s": sum(trl[best_key]["generation_seconds_per_iteration"]) / a.iterations,
@@ -182,7 +186,8 @@ def main() -> None:
     print(f"ratio rayllm / TRL ({best_key}) = {res['rayllm_over_trl_best_samples_per_s_ratio']:.2f}x (goal >= 1.5); "
           f"against TRL as shipped {res['rayllm_over_trl_shipped_samples_per_s_ratio']:.2f}x")
     print(f"rayllm per iteration: generate {ours['generate_s']:.3f} s, experience {ours['experience_s']:.3f} s, "
-          f"train {ours['train_s']:.3f} s, sync+verify {ours['sync_s']:.3f} s (max gap {ours['sync_max_gap']:.1e})")
+          f"train {ours['train_s']:.3f} s (a policy step {ours['policy_step_s']:.3f} s, a critic step "
+          f"{ours['critic_step_s']:.3f} s, on their ranks), sync+verify {ours['sync_s']:.3f} s (max gap {ours['sync_max_gap']:.1e})")
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(res, indent=2) + "\n")
 

@@ -338,6 +338,13 @@ class PPOAlgoConfig(Strict):
     reward_normalize: bool = False  # running mean/std of scores
     reward_clip: float | None = Field(None, gt=0)
     tis_cap: float | None = Field(2.0, gt=0)  # truncated IS weight cap for the engine/trainer gap; None: off
+    # Where the PPO ratio's denominator (the behaviour policy's log-probs) comes from. "trainer":
+    # a forward of the policy group over the rollouts (the gap to the engine is then corrected by
+    # tis_cap). "engine": the log-probs the rollout engine sampled with, which spares that forward
+    # (as TRL's PPOTrainer takes them from generate, and veRL's bypass mode); the ratio then
+    # measures the trainer against the engine directly, so there is no gap left for tis_cap to
+    # correct. Sound when the engine computes what the trainer does: the weight push verifies it.
+    behavior_logprobs: Literal["trainer", "engine"] = "trainer"
     ppo_epochs: int = Field(1, ge=1)
     mini_batch_size: int = Field(32, ge=1)  # samples per optimizer step, whole world
 
@@ -397,6 +404,9 @@ class PPO(Strict):
         if n % self.algo.mini_batch_size:
             raise ValueError(f"rollout_batch_size x sampling.n ({n} samples) must be a multiple of "
                              f"algo.mini_batch_size ({self.algo.mini_batch_size})")
+        if self.algo.behavior_logprobs == "engine" and self.algo.tis_cap is not None:
+            raise ValueError("algo.tis_cap corrects the gap between trainer and engine log-probs, which "
+                             "algo.behavior_logprobs='engine' does not compute: set algo.tis_cap to None")
         if self.algo.advantage in ("grpo", "rloo") and self.rollout.sampling.n < 2:
             raise ValueError(f"algo.advantage {self.algo.advantage!r} compares samples of a prompt: "
                              "rollout.sampling.n must be at least 2")

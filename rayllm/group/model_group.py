@@ -263,6 +263,7 @@ def _merge_steps(res: list[dict]) -> dict:
         "grad_norm": res[0]["grad_norm"],
         "lr": res[0]["lr"],
         "skipped": any(r["skipped"] for r in res),
+        "compute_s": max(r["compute_s"] for r in res),  # the slowest rank's, on the rank itself
     }
     for key in res[0]["stats"]:  # diagnostic sums -> means over the same units as the loss
         out[key.removesuffix("_sum")] = sum(r["stats"][key] for r in res) / max(1, tokens)

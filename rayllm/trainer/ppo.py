@@ -4,9 +4,10 @@ the loop that ties them together.
 One iteration:
   1. generate: the rollout engines sample `sampling.n` responses for each of
      `rollout_batch_size` prompts (log-probs of the sampled tokens come with them);
-  2. experience: the policy's own log-probs (the PPO ratio's denominator), the reference's
-     log-probs, the reward model's scores (or a rule-based reward) and the critic's values are
-     computed at once, each group on its own ranks;
+  2. experience: the policy's own log-probs (the PPO ratio's denominator, unless the engine's
+     are used: algo.behavior_logprobs), the reference's log-probs, the reward model's scores (or
+     a rule-based reward) and the critic's values are computed at once, each group on its own
+     ranks;
   3. advantages on the driver, over the whole batch: per-token KL penalty, then GAE (critic) or
      a critic-free estimator (GRPO, RLOO, REINFORCE++), whitening, truncated importance weights
      for the engine/trainer gap;
@@ -157,8 +158,9 @@ class PPOTrainer:
         sample_recs = [records[x.prompt_index] for x in samples]
         g = self.groups
         temp = s.temperature if s.temperature > 0 else 1.0
-        pending = {"old": g["policy"].forward_async("logprobs", rows, temperature=temp),
-                   "ref": g["reference"].forward_async("logprobs", rows, temperature=temp)}
+        pending = {"ref": g["reference"].forward_async("logprobs", rows, temperature=temp)}
+        if a.behavior_logprobs == "trainer":
+            pending["old"] = g["policy"].forward_async("logprobs", rows, temperature=temp)
         if "critic" in g:
             pending["values"] = g["critic"].forward_async("values", rows)
         if "reward" in g:
@@ -176,9 +178,9 @@ class PPOTrainer:
             p, r = len(x.prompt_ids), len(x.response_ids)
             mask[i, :r] = 1
             cut = slice(p - 1, p - 1 + r)
-            old[i, :r] = torch.as_tensor(res["old"][i][cut])
             ref[i, :r] = torch.as_tensor(res["ref"][i][cut])
             rollout_lp[i, :r] = torch.as_tensor(x.logprobs)
+            old[i, :r] = torch.as_tensor(res["old"][i][cut]) if "old" in res else rollout_lp[i, :r]
             if "values" in res:
                 values[i, :r] = torch.as_tensor(res["values"][i][cut])
         raw_scores = torch.tensor(res["scores"], dtype=torch.float32)
@@ -210,10 +212,11 @@ class PPOTrainer:
             "kl": seq_kl, "kl_coef": self.kl_ctl.value,
             "response_length": mask.sum(1).mean().item(),
             "truncated_share": float(np.mean([x.finish_reason == "length" for x in samples])),
-            "engine_trainer_logprob_gap": (masked_mean((old - rollout_lp).abs(), mask)).item(),
             "advantage_mean": masked_mean(adv, mask).item(),
             "generate_s": t1 - t0, "experience_s": t2 - t1,
         }
+        if "old" in res:
+            metrics["engine_trainer_logprob_gap"] = masked_mean((old - rollout_lp).abs(), mask).item()
         if self.score_fn is not None:
             metrics["train_ground_truth"] = float(np.mean([self.score_fn(t, r) for t, r in zip(texts, sample_recs)]))
         return {"policy_rows": policy_rows, "critic_rows": critic_rows, "metrics": metrics, "n": N}
@@ -258,9 +261,11 @@ class PPOTrainer:
             out = {k: float(np.mean([m[k] for m in pol])) for k in ("policy_loss", "entropy", "clipfrac", "approx_kl")}
             out["policy_grad_norm"] = float(np.mean([m["grad_norm"] for m in pol]))
             out["policy_lr"] = pol[-1]["lr"]
+            out["policy_step_s"] = float(np.mean([m["compute_s"] for m in pol]))
         if cri:
             out["value_loss"] = float(np.mean([m["value_loss"] for m in cri]))
             out["value_mean"] = float(np.mean([m["value_mean"] for m in cri]))
+            out["critic_step_s"] = float(np.mean([m["compute_s"] for m in cri]))
         return out
 
     def evaluate(self) -> dict:

@@ -11,21 +11,30 @@ from rayllm.group.engine import ModelDoesNotFit
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-def _losses(path, cfg, rows, steps=3):
+def _losses(path, cfg, rows, steps=3, grad_norms=None):
     g = ModelGroup("policy", cfg, path)
     try:
-        return [g.train_step(rows)["loss"] for _ in range(steps)], g.param_stats()
+        out = [g.train_step(rows) for _ in range(steps)]
+        if grad_norms is not None:
+            grad_norms.extend(r["grad_norm"] for r in out)
+        return [r["loss"] for r in out], g.param_stats()
     finally:
         g.shutdown()
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_world_size_invariance(stage, tiny_path, random_rows):
+    """Losses and the reported gradient norm (the global one, after the ranks' reduction)."""
     rows = random_rows(16)
-    one, _ = _losses(tiny_path, GroupConfig(num_ranks=1, zero_stage=stage, micro_batch_size=4), rows)
-    two, stats = _losses(tiny_path, GroupConfig(num_ranks=2, zero_stage=stage, micro_batch_size=4), rows)
+    norm_one, norm_two = [], []
+    one, _ = _losses(tiny_path, GroupConfig(num_ranks=1, zero_stage=stage, micro_batch_size=4), rows,
+                     grad_norms=norm_one)
+    two, stats = _losses(tiny_path, GroupConfig(num_ranks=2, zero_stage=stage, micro_batch_size=4), rows,
+                         grad_norms=norm_two)
     assert one[0] > one[-1]  # it trains
     assert one == pytest.approx(two, abs=1e-5, rel=0)
+    assert all(n > 0 for n in norm_one)
+    assert norm_one == pytest.approx(norm_two, rel=1e-4)
     if stage == 3:  # ZeRO-3 partitions: each of 2 ranks holds about half of the parameters
         full = stats[0]["full"]
         for s in stats:

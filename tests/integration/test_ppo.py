@@ -109,6 +109,37 @@ def test_critic_free_estimators_train_without_a_critic(tmp_path, tiny_path, adva
         t.shutdown()
 
 
+def test_engine_log_probs_as_behaviour_policy(tmp_path, tiny_path):
+    """behavior_logprobs="engine": the ratio's denominator is exactly what the engine sampled
+    with, and the policy group's experience forward is skipped (no gap metric to report)."""
+    (tmp_path / "rule.py").write_text("def reward(response, record):\n    return float(len(response) % 3)\n")
+    stage = _stage(reward_fn=f"{tmp_path / 'rule.py'}:reward",
+                   algo=PPOAlgoConfig(advantage="rloo", mini_batch_size=8, behavior_logprobs="engine", tis_cap=None))
+    t = PPOTrainer(stage, tmp_path, seed=0, artifacts={"sft": str(tiny_path)})
+    try:
+        calls = []
+        policy = t.groups["policy"]
+        real = policy.forward_async
+        policy.forward_async = lambda *a, **k: calls.append(a) or real(*a, **k)
+        samples = []
+        real_gen = t.pool.generate
+        t.pool.generate = lambda *a, **k: samples.extend(real_gen(*a, **k)) or samples
+        exp = t.make_experience(t.next_prompts())
+        assert calls == [] and "engine_trainer_logprob_gap" not in exp["metrics"]
+        for x, row in zip(samples, exp["policy_rows"]):
+            assert row["old_logprobs"][len(x.prompt_ids) - 1:] == pytest.approx(x.logprobs, abs=1e-6)
+        # The engine computes what the trainer does (fp32), so the trainer's own log-probs agree.
+        mine = policy.logprobs([{"input_ids": r["input_ids"]} for r in exp["policy_rows"]])
+        for x, row, lp in zip(samples, exp["policy_rows"], mine):
+            p = len(x.prompt_ids)
+            assert np.allclose(lp[p - 1:], row["old_logprobs"][p - 1:], atol=1e-4)
+        before = _snapshot(policy)
+        stats = t.train(exp)
+        assert np.isfinite(stats["policy_loss"]) and _changed(before, _snapshot(policy))
+    finally:
+        t.shutdown()
+
+
 def test_missing_inputs_are_named(tmp_path, tiny_path):
     with pytest.raises(ValueError, match="no policy model"):
         PPOTrainer(_stage(reward_fn="rayllm.datasets.tasks:arithmetic_score"), tmp_path, 0, {})

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from rayllm import SFT, GroupConfig, Pipeline, TrainConfig
+from rayllm import PPO, SFT, GroupConfig, Pipeline, TrainConfig
+from rayllm.config import PPOAlgoConfig
 from rayllm.cli import main
 from rayllm.pipeline_file import ConfigError, load_pipeline, parse_overrides
 
@@ -44,6 +45,9 @@ def test_cross_field_rules():
         SFT(group=GroupConfig(num_ranks=2, micro_batch_size=4), train=TrainConfig(global_batch_size=12))
     with pytest.raises(ValueError, match="unique"):
         Pipeline(name="x", stages=[SFT(), SFT()])
+    with pytest.raises(ValueError, match="set algo.tis_cap to None"):
+        PPO(algo=PPOAlgoConfig(behavior_logprobs="engine"))
+    PPO(algo=PPOAlgoConfig(behavior_logprobs="engine", tis_cap=None))
 
 
 def test_sft_data_sources_are_checked(tmp_path):
