@@ -179,12 +179,15 @@ def main(argv=None) -> dict:
     class Stamps(TrainerCallback):
         def __init__(self):
             self.t: list[float] = []
+            self.cpu: list[float] = []  # CPU seconds of this process, all its threads
 
         def on_train_begin(self, args, state, control, **kw):
             self.t.append(time.perf_counter())
+            self.cpu.append(time.process_time())
 
         def on_step_end(self, args, state, control, **kw):
             self.t.append(time.perf_counter())
+            self.cpu.append(time.process_time())
 
     stamps = Stamps()
     trainer = PPOTrainer(args=cfg, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
@@ -220,6 +223,7 @@ def main(argv=None) -> dict:
         "seconds": seconds,
         "samples_per_s": samples / seconds,
         "seconds_per_iteration": measured,
+        "cpu_seconds_per_iteration": [c1 - c0 for c0, c1 in zip(stamps.cpu, stamps.cpu[1:])][a.warmup:],
         "warmup_seconds_per_iteration": per_iter[:a.warmup],
         "generation_seconds_per_iteration": gen["seconds"][a.warmup:],
         "response_tokens_per_sample": L,

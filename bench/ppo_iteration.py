@@ -106,9 +106,9 @@ def run_rayllm(a, paths: dict, records: list[dict]) -> dict:
         t = PPOTrainer(stage, Path(d), seed=0, artifacts={})
         t.train_records = records  # the same prompts, in the same order, as TRL's
         try:
-            times, parts = [], []
+            times, parts, cpu = [], [], []
             for i in range(a.warmup + a.iterations):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), busy_cpu_seconds()
                 exp = t.make_experience(t.next_prompts())
                 t1 = time.perf_counter()
                 steps = t.train(exp)
@@ -119,6 +119,7 @@ def run_rayllm(a, paths: dict, records: list[dict]) -> dict:
                            for r in exp["policy_rows"]), "every response must be exactly L tokens"
                 if i >= a.warmup:
                     times.append(t3 - t0)
+                    cpu.append(busy_cpu_seconds() - c0)
                     parts.append({"generate_s": exp["metrics"]["generate_s"], "experience_s": exp["metrics"]["experience_s"],
                                   "train_s": t2 - t1, "sync_s": t3 - t2, "sync_max_gap": sync["sync_max_gap"],
                                   "policy_step_s": steps["policy_step_s"], "critic_step_s": steps["critic_step_s"]})
@@ -126,7 +127,17 @@ def run_rayllm(a, paths: dict, records: list[dict]) -> dict:
             t.shutdown()
             ray.shutdown()
     mean = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
-    return {"samples_per_s": a.batch * len(times) / sum(times), "seconds_per_iteration": times, **mean}
+    return {"samples_per_s": a.batch * len(times) / sum(times), "seconds_per_iteration": times,
+            "cpu_seconds_per_iteration": sum(cpu) / len(cpu), **mean}
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (not idle, not waiting on I/O, not stolen by
+    the hypervisor): rayllm's work is spread over the driver, the Ray actors and Ray itself."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
 
 
 def main() -> None:
@@ -173,7 +184,18 @@ def main() -> None:
         "trl_shipped_samples_per_s": trl["shipped"]["samples_per_s"],
         "trl_best_samples_per_s": trl[best_key]["samples_per_s"], "trl_best_setting": best_key,
         "trl_best_generate_s": sum(trl[best_key]["generation_seconds_per_iteration"]) / a.iterations,
+        "cores": os.cpu_count(),
+        "rayllm_cpu_core_s_per_iteration": ours["cpu_seconds_per_iteration"],
+        "trl_best_cpu_core_s_per_iteration": sum(trl[best_key]["cpu_seconds_per_iteration"]) / a.iterations,
+        "trl_1t_cpu_core_s_per_iteration": sum(trl["gc_freeze_1t"]["cpu_seconds_per_iteration"]) / a.iterations,
     }
+    # How busy rayllm keeps the machine, and what it would reach with every core busy all the time
+    # (same work, perfect overlap): the ceiling that scheduling alone can reach.
+    wall = a.batch / ours["samples_per_s"]
+    res["rayllm_cpu_busy_share"] = res["rayllm_cpu_core_s_per_iteration"] / (res["cores"] * wall)
+    res["rayllm_full_utilisation_bound_samples_per_s"] = a.batch * res["cores"] / res["rayllm_cpu_core_s_per_iteration"]
+    res["rayllm_full_utilisation_bound_over_trl_best_ratio"] = (res["rayllm_full_utilisation_bound_samples_per_s"]
+                                                                / res["trl_best_samples_per_s"])
     res["rayllm_over_trl_best_samples_per_s_ratio"] = res["rayllm_samples_per_s"] / res["trl_best_samples_per_s"]
     res["rayllm_over_trl_shipped_samples_per_s_ratio"] = res["rayllm_samples_per_s"] / res["trl_shipped_samples_per_s"]
 
@@ -188,6 +210,11 @@ def main() -> None:
     print(f"rayllm per iteration: generate {ours['generate_s']:.3f} s, experience {ours['experience_s']:.3f} s, "
           f"train {ours['train_s']:.3f} s (a policy step {ours['policy_step_s']:.3f} s, a critic step "
           f"{ours['critic_step_s']:.3f} s, on their ranks), sync+verify {ours['sync_s']:.3f} s (max gap {ours['sync_max_gap']:.1e})")
+    print(f"CPU work per iteration: rayllm {res['rayllm_cpu_core_s_per_iteration']:.2f} core-s (machine busy "
+          f"{res['rayllm_cpu_busy_share']:.0%} of {res['cores']} cores), TRL {best_key} "
+          f"{res['trl_best_cpu_core_s_per_iteration']:.2f}, TRL 1 thread {res['trl_1t_cpu_core_s_per_iteration']:.2f}; "
+          f"rayllm with every core busy throughout would reach {res['rayllm_full_utilisation_bound_samples_per_s']:.2f} "
+          f"samples/s = {res['rayllm_full_utilisation_bound_over_trl_best_ratio']:.2f}x TRL ({best_key})")
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(res, indent=2) + "\n")
 

@@ -146,6 +146,12 @@ class RankEngine:
         self._check_fits()
         self.model = self._build_model()
         self.ds_config = deepspeed_config(cfg, self.world_size, trainable, self.on_gpu)
+        # ZeRO-0 in fp32 has no DeepSpeed optimizer wrapper, and DeepSpeed records no gradient
+        # norm there; rayllm reduces, measures and clips the gradients itself (train_step), with
+        # one norm over all of them instead of DeepSpeed's per-parameter clipping pass.
+        self._own_grads = trainable and cfg.zero_stage == 0 and cfg.precision.dtype == "fp32"
+        if self._own_grads:
+            self.ds_config["gradient_clipping"] = 0.0
         optimizer = scheduler = None
         params = [p for p in self.model.parameters() if p.requires_grad]
         if trainable:
@@ -155,12 +161,9 @@ class RankEngine:
             model=self.model, model_parameters=params if trainable else None, optimizer=optimizer,
             lr_scheduler=scheduler, config=self.ds_config,
         )
-        # ZeRO-0 in fp32: rayllm reduces the gradients itself (see train_step) so that it can
-        # report their global norm, which DeepSpeed records only on its ZeRO and mixed-precision
-        # paths; over one rank at ZeRO-0 there is nothing to reduce at all, where DeepSpeed would
-        # still flatten every gradient into buckets, all-reduce them with itself and copy them back.
-        self._own_reduce = cfg.zero_stage == 0 and (self.world_size == 1 or cfg.precision.dtype == "fp32")
-        if self._own_reduce:
+        # Over one rank at ZeRO-0 there is nothing to reduce, but DeepSpeed would still flatten
+        # every gradient into buckets, all-reduce them with itself and copy them back each step.
+        if self._own_grads or (cfg.zero_stage == 0 and self.world_size == 1):
             self.engine.enable_backward_allreduce = False
         self.step_count = 0
 
@@ -284,11 +287,14 @@ class RankEngine:
             for k, v in extra.items():
                 stats[k] = stats.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
         grad_norm = None
-        if self._own_reduce and self.world_size > 1:
-            self.engine.buffered_allreduce_fallback(elements_per_buffer=_BUCKET_BYTES // 4)
-        if self.cfg.zero_stage == 0 and self.cfg.precision.dtype == "fp32":
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.engine.module.parameters()
-                                                       if p.grad is not None], foreach=True).item()
+        if self._own_grads:
+            if self.world_size > 1:
+                self.engine.buffered_allreduce_fallback(elements_per_buffer=_BUCKET_BYTES // 4)
+            params = [p for p in self.engine.module.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, norm, foreach=True)
+            grad_norm = norm.item()
         self.engine.step()
         self.step_count += 1
         overflow = bool(getattr(self.engine.optimizer, "overflow", False))
