@@ -12,7 +12,11 @@ models (policy, reward and value model built from one config) and the same arith
 rayllm runs as it is meant to: four model groups of one rank each in Ray actors (ZeRO-0: one
 rank has nothing to shard), a vLLM engine for the rollouts, experience forwards and the
 policy/critic updates running concurrently, and a verified weight push into the engine after each
-update (its cost is part of the iteration). TRL 1.12.0 (the last release with PPO) runs in a
+update (its cost is part of the iteration). Both sides take the behaviour log-probs from
+generation (TRL from generate's scores, rayllm from the engine: algo.behavior_logprobs="engine").
+The CPU work of an iteration is measured too: the machine's busy CPU seconds for rayllm (driver,
+actors, Ray), the process's CPU time for TRL; from it, the samples/s rayllm would reach with every
+core busy all the time, the ceiling that rescheduling the same work cannot pass. TRL 1.12.0 (the last release with PPO) runs in a
 virtual environment of its own that this script builds once (bench/trl_baseline_env.py), single
 process; it is measured as shipped and, as the kinder baseline the ratio is taken against, with
 `gc.freeze()` and the faster of 1 or 2 torch threads. Samples/s = B x measured iterations /
