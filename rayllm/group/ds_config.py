@@ -5,6 +5,13 @@ from __future__ import annotations
 from rayllm.config import GroupConfig
 
 
+def owns_gradients(cfg: GroupConfig, trainable: bool) -> bool:
+    """ZeRO-0 in fp32 has no DeepSpeed optimizer wrapper, and DeepSpeed records no gradient norm
+    there: rayllm's rank reduces, measures and clips the gradients itself (RankEngine.train_step),
+    with one norm over all of them instead of DeepSpeed's per-parameter clipping pass."""
+    return trainable and cfg.zero_stage == 0 and cfg.precision.dtype == "fp32"
+
+
 def deepspeed_config(cfg: GroupConfig, world_size: int, trainable: bool, on_gpu: bool) -> dict:
     stage = cfg.zero_stage
     zero: dict = {"stage": stage, "contiguous_gradients": True, "overlap_comm": on_gpu and stage >= 2}
@@ -22,7 +29,7 @@ def deepspeed_config(cfg: GroupConfig, world_size: int, trainable: bool, on_gpu:
         # rayllm owns the accumulation boundary: a rank runs as many micro-batches as it was
         # given and step() reduces, so batch arithmetic is never fixed to a world size here.
         "managed_gradient_accumulation": False,
-        "gradient_clipping": cfg.grad_clip or 0.0,
+        "gradient_clipping": 0.0 if owns_gradients(cfg, trainable) else (cfg.grad_clip or 0.0),
         "zero_optimization": zero,
         "bf16": {"enabled": p.dtype == "bf16"},
         "fp16": {

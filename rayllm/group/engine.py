@@ -25,7 +25,7 @@ from rayllm.algorithms import sft_loss  # noqa: E402
 from rayllm.group.losses import LOSSES  # noqa: E402
 from rayllm.config import GroupConfig  # noqa: E402
 from rayllm.group.batching import materialize  # noqa: E402
-from rayllm.group.ds_config import bytes_per_rank, deepspeed_config  # noqa: E402
+from rayllm.group.ds_config import bytes_per_rank, deepspeed_config, owns_gradients  # noqa: E402
 from rayllm.group.shm import release_shm  # noqa: E402
 
 
@@ -146,12 +146,7 @@ class RankEngine:
         self._check_fits()
         self.model = self._build_model()
         self.ds_config = deepspeed_config(cfg, self.world_size, trainable, self.on_gpu)
-        # ZeRO-0 in fp32 has no DeepSpeed optimizer wrapper, and DeepSpeed records no gradient
-        # norm there; rayllm reduces, measures and clips the gradients itself (train_step), with
-        # one norm over all of them instead of DeepSpeed's per-parameter clipping pass.
-        self._own_grads = trainable and cfg.zero_stage == 0 and cfg.precision.dtype == "fp32"
-        if self._own_grads:
-            self.ds_config["gradient_clipping"] = 0.0
+        self._own_grads = owns_gradients(cfg, trainable)
         optimizer = scheduler = None
         params = [p for p in self.model.parameters() if p.requires_grad]
         if trainable:
@@ -289,7 +284,7 @@ class RankEngine:
         grad_norm = None
         if self._own_grads:
             if self.world_size > 1:
-                self.engine.buffered_allreduce_fallback(elements_per_buffer=_BUCKET_BYTES // 4)
+                self.engine.buffered_allreduce_fallback()  # what DeepSpeed's own reduction calls
             params = [p for p in self.engine.module.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
             if self.cfg.grad_clip:

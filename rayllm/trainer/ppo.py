@@ -180,9 +180,12 @@ class PPOTrainer:
             cut = slice(p - 1, p - 1 + r)
             ref[i, :r] = torch.as_tensor(res["ref"][i][cut])
             rollout_lp[i, :r] = torch.as_tensor(x.logprobs)
-            old[i, :r] = torch.as_tensor(res["old"][i][cut]) if "old" in res else rollout_lp[i, :r]
+            if "old" in res:
+                old[i, :r] = torch.as_tensor(res["old"][i][cut])
             if "values" in res:
                 values[i, :r] = torch.as_tensor(res["values"][i][cut])
+        if "old" not in res:  # behavior_logprobs == "engine"
+            old = rollout_lp
         raw_scores = torch.tensor(res["scores"], dtype=torch.float32)
         scores = raw_scores
         if self.moments is not None or a.reward_clip is not None:

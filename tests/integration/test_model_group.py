@@ -11,26 +11,27 @@ from rayllm.group.engine import ModelDoesNotFit
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-def _losses(path, cfg, rows, steps=3, grad_norms=None):
+def _steps(path, cfg, rows, steps=3):
     g = ModelGroup("policy", cfg, path)
     try:
-        out = [g.train_step(rows) for _ in range(steps)]
-        if grad_norms is not None:
-            grad_norms.extend(r["grad_norm"] for r in out)
-        return [r["loss"] for r in out], g.param_stats()
+        return [g.train_step(rows) for _ in range(steps)], g.param_stats()
     finally:
         g.shutdown()
+
+
+def _losses(path, cfg, rows, steps=3):
+    out, stats = _steps(path, cfg, rows, steps)
+    return [r["loss"] for r in out], stats
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_world_size_invariance(stage, tiny_path, random_rows):
     """Losses and the reported gradient norm (the global one, after the ranks' reduction)."""
     rows = random_rows(16)
-    norm_one, norm_two = [], []
-    one, _ = _losses(tiny_path, GroupConfig(num_ranks=1, zero_stage=stage, micro_batch_size=4), rows,
-                     grad_norms=norm_one)
-    two, stats = _losses(tiny_path, GroupConfig(num_ranks=2, zero_stage=stage, micro_batch_size=4), rows,
-                         grad_norms=norm_two)
+    res_one, _ = _steps(tiny_path, GroupConfig(num_ranks=1, zero_stage=stage, micro_batch_size=4), rows)
+    res_two, stats = _steps(tiny_path, GroupConfig(num_ranks=2, zero_stage=stage, micro_batch_size=4), rows)
+    one, two = [r["loss"] for r in res_one], [r["loss"] for r in res_two]
+    norm_one, norm_two = [r["grad_norm"] for r in res_one], [r["grad_norm"] for r in res_two]
     assert one[0] > one[-1]  # it trains
     assert one == pytest.approx(two, abs=1e-5, rel=0)
     assert all(n > 0 for n in norm_one)

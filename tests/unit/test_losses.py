@@ -58,3 +58,7 @@ def test_deepspeed_config_reflects_group():
                           "hysteresis": 2, "min_loss_scale": 1.0}
     assert ds["train_batch_size"] == 8 and ds["gradient_clipping"] == 0.5
     assert ds["managed_gradient_accumulation"] is False
+    # ZeRO-0 fp32: the rank clips with the norm it measures; DeepSpeed must not clip a second time.
+    plain = GroupConfig(zero_stage=0, grad_clip=0.5)
+    assert deepspeed_config(plain, world_size=2, trainable=True, on_gpu=False)["gradient_clipping"] == 0.0
+    assert deepspeed_config(plain.model_copy(update={"zero_stage": 1}), 2, True, False)["gradient_clipping"] == 0.5
