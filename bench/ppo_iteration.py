@@ -113,7 +113,7 @@ def run_rayllm(a, paths: dict, records: list[dict]) -> dict:
             times, parts, cpu = [], [], []
             for i in range(a.warmup + a.iterations):
                 t0, c0 = time.perf_counter(), busy_cpu_seconds()
-                exp = t.make_experience(t.next_prompts())
+                exp = t.make_experience(t.next_prompts(), i + 1)
                 t1 = time.perf_counter()
                 steps = t.train(exp)
                 t2 = time.perf_counter()

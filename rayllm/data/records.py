@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from rayllm.config import FieldMap
+from rayllm.datasets.sft import json_type
 
 Kind = Literal["text", "sft", "preference", "prompt"]
 
@@ -35,6 +36,12 @@ class Fields(FieldMap):
             names = ["prompt"]
         return {n: getattr(self, n) for n in names}
 
+    def expected(self) -> str:
+        """What a record of this kind must hold, for the quarantine reason of one that does not."""
+        if self.kind == "sft":
+            return f"field {self.messages!r} or fields {self.prompt!r} and {self.response!r}"
+        return "field(s) " + ", ".join(repr(f) for f in self.required({}).values())
+
 
 @dataclass
 class Parsed:
@@ -46,8 +53,9 @@ class Parsed:
 
 
 def _check(rec: dict, fields: Fields, source: str, line: int, out: Parsed, raw: str) -> None:
-    if not isinstance(rec, dict):
-        return out.quarantine(source, line, f"not an object but {type(rec).__name__}", raw)
+    if not isinstance(rec, dict):  # valid JSON, but e.g. [1, 2], 3, "x" or null
+        got = json_type(rec)
+        return out.quarantine(source, line, f"expected a JSON object with {fields.expected()}, got {got}", raw)
     need = fields.required(rec)
     missing = [f for f in need.values() if f not in rec or rec[f] is None]
     if missing:

@@ -7,13 +7,12 @@ other layout would be scoring text it never saw.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 
 from rayllm.config import PreferenceDataConfig
 from rayllm.datasets import tasks
 from rayllm.datasets.prompts import encode_prompt, encode_response
-from rayllm.datasets.sft import DataError
+from rayllm.datasets.sft import DataError, read_jsonl
 
 __all__ = ["DataError", "flatten_pairs", "load_pairs", "pairs_from_samples", "split_pairs", "tokenize_pair"]
 
@@ -43,30 +42,18 @@ def load_pairs(cfg: PreferenceDataConfig, seed: int = 0) -> list[dict]:
 
 def _load_jsonl(cfg: PreferenceDataConfig) -> list[dict]:
     fields = {"prompt": cfg.prompt_field, "chosen": cfg.chosen_field, "rejected": cfg.rejected_field}
+    expected = "string fields " + ", ".join(repr(f) for f in fields.values())
     pairs = []
-    with open(cfg.source, encoding="utf-8", errors="strict") as f:
-        try:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{cfg.source}:{i}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
-                pair = {k: v for k, v in rec.items() if k not in fields.values()}
-                for key, field in fields.items():
-                    if field not in rec:
-                        raise DataError(f"{where}: missing field {field!r} ({key}); has {sorted(rec)}")
-                    if not isinstance(rec[field], str):
-                        raise DataError(f"{where}: field {field!r} ({key}) must be a string, "
-                                        f"got {type(rec[field]).__name__}")
-                    pair[key] = rec[field]
-                pairs.append(pair)
-        except UnicodeDecodeError as e:
-            raise DataError(f"{cfg.source}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    for where, rec in read_jsonl(cfg.source, expected):
+        pair = {k: v for k, v in rec.items() if k not in fields.values()}
+        for key, field in fields.items():
+            if field not in rec:
+                raise DataError(f"{where}: missing field {field!r} ({key}); has {sorted(rec)}")
+            if not isinstance(rec[field], str):
+                raise DataError(f"{where}: field {field!r} ({key}) must be a string, "
+                                f"got {type(rec[field]).__name__}")
+            pair[key] = rec[field]
+        pairs.append(pair)
     if not pairs:
         raise DataError(f"{cfg.source}: no records")
     return pairs

@@ -22,10 +22,9 @@ def load_prompts(cfg, seed: int = 0) -> tuple[list[dict], list[dict]]:
     Bundled tasks draw fresh examples for each split from seeds of their own, and evaluation
     records whose prompt also occurs among the training prompts are dropped, so the ground-truth
     evaluation is on prompts PPO never trained on."""
-    import json
     import random
 
-    from rayllm.datasets.sft import DataError
+    from rayllm.datasets.sft import DataError, read_jsonl
     from rayllm.datasets.tasks import bundled
 
     if cfg.source.startswith("bundled:"):
@@ -34,17 +33,10 @@ def load_prompts(cfg, seed: int = 0) -> tuple[list[dict], list[dict]]:
         held = bundled(task, 2 * cfg.eval_prompts, seed + 2002) if cfg.eval_prompts else []
     else:
         records = []
-        with open(cfg.source, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{cfg.source}:{i}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec.get(cfg.prompt_field), str):
-                    raise DataError(f"{cfg.source}:{i}: no string field {cfg.prompt_field!r}")
-                records.append({**rec, "prompt": rec[cfg.prompt_field]})
+        for where, rec in read_jsonl(cfg.source, f"string field {cfg.prompt_field!r}"):
+            if not isinstance(rec.get(cfg.prompt_field), str):
+                raise DataError(f"{where}: no string field {cfg.prompt_field!r}")
+            records.append({**rec, "prompt": rec[cfg.prompt_field]})
         if not records:
             raise DataError(f"{cfg.source}: no records")
         random.Random(seed).shuffle(records)

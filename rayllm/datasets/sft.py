@@ -22,21 +22,43 @@ class DataError(ValueError):
     """A data source or record that cannot be used; the message names it."""
 
 
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean", type(None): "null"}
+
+
+def json_type(value) -> str:
+    """What a parsed JSON value is, in JSON's words ("an array", "null"), for error messages."""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def read_jsonl(path: str, expected: str):
+    """Yield ("path:line", record) for each non-blank line of a JSONL file.
+
+    A line that is not UTF-8, not JSON, or JSON but not an object (`[1, 2]`, `3`, `"x"`, `null`)
+    raises DataError naming the file, the line and what a record must be: "a JSON object with
+    `expected`". Every JSONL reader goes through here, so none of them meets a non-dict record.
+    The file is read as bytes so that a bad byte, too, is reported with its line."""
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{i}"
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 ({e.reason} at byte {e.start} of the line)") from None
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: expected a JSON object with {expected}, got {json_type(rec)}")
+            yield where, rec
+
+
 def load_records(cfg: SFTDataConfig, seed: int = 0) -> list[dict]:
     if cfg.source.startswith("bundled:"):
         return bundled(cfg.source.split(":", 1)[1], cfg.num_examples, seed)
-    records = []
-    with open(cfg.source, encoding="utf-8", errors="strict") as f:
-        try:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{cfg.source}:{i}: not valid JSON ({e.msg})") from None
-        except UnicodeDecodeError as e:
-            raise DataError(f"{cfg.source}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    expected = f"field {cfg.messages_field!r} or fields {cfg.prompt_field!r} and {cfg.response_field!r}"
+    records = [rec for _, rec in read_jsonl(cfg.source, expected)]
     if not records:
         raise DataError(f"{cfg.source}: no records")
     return records

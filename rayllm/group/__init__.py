@@ -1,4 +1,4 @@
 """Model groups: one model role per group, N Ray actors, one DeepSpeed rank each."""
-from rayllm.group.model_group import ModelGroup, Placement, gather
+from rayllm.group.model_group import ModelGroup, Placement
 
-__all__ = ["ModelGroup", "Placement", "gather"]
+__all__ = ["ModelGroup", "Placement"]

@@ -5,8 +5,8 @@ and under torchrun (bench/train_step.py), and the two can be compared like for l
 """
 from __future__ import annotations
 
-import math
 import os
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -20,6 +20,10 @@ import deepspeed  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine  # noqa: E402
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: E402
+from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
+from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 
 from rayllm.algorithms import sft_loss  # noqa: E402
 from rayllm.group.losses import LOSSES  # noqa: E402
@@ -49,19 +53,32 @@ class ModelDoesNotFit(RuntimeError):
     """The model's states exceed a rank's memory in the given configuration."""
 
 
+class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch.save/torch.load checkpoint engine, but loading with weights_only=True
+    (DeepSpeed's own loads with weights_only=False, which runs whatever code a pickle names).
+    Besides tensors and containers, the ZeRO optimizer states hold four DeepSpeed classes of plain
+    data; they are allowed by name, and are rebuilt without running code of theirs."""
+
+    SAFE_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(self.SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int, local_rank: int,
                        local_size: int, timeout_s: float = 300.0) -> None:
     """Join (or re-join) the group. Re-runnable: an existing group is torn down first, so a
     later elastic resize can call this again with a new world size and master."""
     on_gpu = torch.cuda.is_available()
+    if dist.is_initialized():  # the old group's master names its shm files: read it before it is replaced
+        old = (os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""))
+        _forget_process_groups()
+        release_shm(*old)
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
         LOCAL_RANK=str(0 if on_gpu else local_rank), LOCAL_SIZE=str(local_size),
     )
-    if dist.is_initialized():
-        old = (os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""))
-        _forget_process_groups()
-        release_shm(*old)
     if on_gpu:
         torch.cuda.set_device(0)  # Ray shows each rank only its own GPU
     deepspeed.init_distributed(
@@ -96,19 +113,29 @@ def _forget_process_groups() -> None:
     groups.mpu = None
 
 
-def _lr_lambda(opt_cfg, total_steps: int):
-    def f(step: int) -> float:
-        if step < opt_cfg.warmup_steps:
-            return (step + 1) / (opt_cfg.warmup_steps + 1)
-        if opt_cfg.scheduler == "constant":
-            return 1.0
-        frac = min(1.0, (step - opt_cfg.warmup_steps) / max(1, total_steps - opt_cfg.warmup_steps))
-        lo = opt_cfg.min_lr_ratio
-        if opt_cfg.scheduler == "linear":
-            return 1.0 - (1.0 - lo) * frac
-        return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * frac))
+def lr_scheduler(optimizer, opt_cfg, total_steps: int):
+    """The LR schedule, torch's schedulers in sequence: a warm-up from lr / (warmup_steps + 1) to
+    lr, then constant, or a linear or cosine decay to min_lr_ratio * lr over the remaining steps
+    (at least one), held at that floor after them. DeepSpeed checkpoints the schedulers' state,
+    their sizes included, so a resumed run continues the schedule it was saved with.
 
-    return f
+    Not transformers' `get_scheduler`: its warm-up starts at 0 (a first step that does nothing),
+    its "linear" decays to 0 rather than to a floor, and its "cosine_with_min_lr" rises again past
+    the end. LinearLR with start_factor 1 / (w + 1) gives rayllm's warm-up, (step + 1) / (w + 1)."""
+    from torch.optim import lr_scheduler as lrs
+
+    w, lo = opt_cfg.warmup_steps, opt_cfg.min_lr_ratio
+    decay = max(1, total_steps - w)
+    phases = [lrs.LinearLR(optimizer, start_factor=1 / (w + 1), end_factor=1.0, total_iters=w)] if w else []
+    if opt_cfg.scheduler == "constant":
+        phases.append(lrs.ConstantLR(optimizer, factor=1.0, total_iters=0))
+    elif opt_cfg.scheduler == "linear":  # LinearLR holds end_factor after total_iters by itself
+        phases.append(lrs.LinearLR(optimizer, start_factor=1.0, end_factor=lo, total_iters=decay))
+    else:  # CosineAnnealingLR is periodic: a ConstantLR holds the floor after its half period
+        phases += [lrs.CosineAnnealingLR(optimizer, T_max=decay, eta_min=lo * opt_cfg.lr),
+                   lrs.ConstantLR(optimizer, factor=lo, total_iters=sys.maxsize)]
+    ends = ([w] if w else []) + [w + decay]  # the step at which each phase hands over to the next
+    return lrs.SequentialLR(optimizer, phases, milestones=ends[: len(phases) - 1])
 
 
 def _allow_cpu_fp16() -> None:
@@ -151,11 +178,14 @@ class RankEngine:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if trainable:
             optimizer = self._optimizer(params)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.optimizer, total_steps))
+            scheduler = lr_scheduler(optimizer, cfg.optimizer, total_steps)
         self.engine, *_ = deepspeed.initialize(
             model=self.model, model_parameters=params if trainable else None, optimizer=optimizer,
             lr_scheduler=scheduler, config=self.ds_config,
         )
+        # rayllm's DeepSpeed config selects no other checkpoint engine (writer, datastates).
+        assert type(self.engine.checkpoint_engine) is TorchCheckpointEngine, type(self.engine.checkpoint_engine)
+        self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine(self.engine._config)
         # Over one rank at ZeRO-0 there is nothing to reduce, but DeepSpeed would still flatten
         # every gradient into buckets, all-reduce them with itself and copy them back each step.
         if self._own_grads or (cfg.zero_stage == 0 and self.world_size == 1):
@@ -190,7 +220,8 @@ class RankEngine:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         cls = AutoModelForCausalLM if self.kind == "causal_lm" else AutoModelForSequenceClassification
-        model = cls.from_pretrained(self.model_path, dtype=torch.float32, local_files_only=True)
+        # safetensors only: a pytorch_model.bin is a pickle (docs/security.md).
+        model = cls.from_pretrained(self.model_path, dtype=torch.float32, local_files_only=True, use_safetensors=True)
         if self.cfg.gradient_checkpointing and self.trainable:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -201,7 +232,7 @@ class RankEngine:
             task = TaskType.CAUSAL_LM if self.kind == "causal_lm" else TaskType.SEQ_CLS
             model = get_peft_model(model, LoraConfig(
                 task_type=task, r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                target_modules=lc.target_modules,
+                target_modules=lc.target_modules, use_rslora=lc.use_rslora,
             ))
             if self.cfg.gradient_checkpointing:
                 model.enable_input_require_grads()
@@ -384,6 +415,13 @@ class RankEngine:
         shape = lambda p: tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)  # noqa: E731
         return [[(n, shape(p)) for n, p in bucket] for bucket in self._layout()]
 
+    def lora_merge_spec(self) -> dict | None:
+        """How the engines merge this model's pushed LoRA weights, read from peft's layers
+        (rayllm.rollout.weights.lora_merge_spec); None without LoRA."""
+        from rayllm.rollout.weights import lora_merge_spec
+
+        return lora_merge_spec(self.engine.module) if self.cfg.lora.enabled else None
+
     def open_channel(self, spec_json: str) -> None:
         """Rank 0 joins the weight channel to the rollout engines as its sender."""
         import json
@@ -431,12 +469,14 @@ class RankEngine:
     def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
 
-    def load_checkpoint(self, directory: str, tag: str) -> dict:
+    def load_checkpoint(self, directory: str, tag: str) -> None:
+        """Load with weights_only=True (WeightsOnlyCheckpointEngine). The client state goes back
+        to the driver from rayllm.json instead: DeepSpeed's also holds its own bookkeeping, and at
+        ZeRO-0 the whole optimizer state."""
         path, client_state = self.engine.load_checkpoint(directory, tag=tag)
         if path is None:
             raise FileNotFoundError(f"group {self.name!r}: no DeepSpeed checkpoint {tag!r} in {directory}")
         self.step_count = client_state.get("step", self.step_count)
-        return client_state
 
     def param_stats(self) -> dict[str, int]:
         """Parameters this rank holds against the model's total (ZeRO-3 partitions them)."""

@@ -3,7 +3,7 @@ DeepSpeed rank each, placed with a Ray placement group that other groups may sha
 from __future__ import annotations
 
 import itertools
-import time
+import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +18,8 @@ from rayllm.env import worker_env
 from rayllm.group import batching
 from rayllm.group.shm import release_shm
 from rayllm.group.worker import ModelWorker
-from rayllm.io import write_text_atomic
+from rayllm.io import write_json_atomic, write_text_atomic
+from rayllm.remote import gather
 
 
 @dataclass
@@ -51,18 +52,31 @@ class Placement:
 
 _FORMATIONS = itertools.count()
 
+CHECKPOINT_META = "rayllm.json"  # beside each checkpoint's DeepSpeed files: <dir>/<tag>/rayllm.json
 
-def gather(refs: list, timeout_s: float | None = None) -> list:
-    """ray.get that fails as soon as any rank fails, instead of waiting on peers that may now
-    hang in a collective with the dead rank."""
-    pending, deadline = list(refs), (time.time() + timeout_s) if timeout_s else None
-    while pending:
-        left = None if deadline is None else max(0.0, deadline - time.time())
-        done, pending = ray.wait(pending, num_returns=1, timeout=left)
-        if not done:
-            raise TimeoutError(f"{len(pending)} rank(s) did not answer within {timeout_s} s")
-        ray.get(done)
-    return ray.get(refs)
+
+class CheckpointRefused(ValueError):
+    """A checkpoint rayllm will not load: not written by rayllm, or taken on other data."""
+
+
+def checkpoint_meta(directory: str | Path, tag: str | None = None) -> tuple[str, dict] | None:
+    """(tag, client state) of checkpoint `tag` in `directory` (default: the one `latest` names),
+    read from the JSON rayllm writes beside it, without unpickling anything; None when there is
+    no `latest`. DeepSpeed's files are pickles, which can run code when loaded: a tag that is not
+    a plain name inside `directory`, or one without that JSON (not written by rayllm), is refused."""
+    directory = Path(directory)
+    if tag is None:
+        latest = directory / "latest"
+        if not latest.is_file():
+            return None
+        tag = latest.read_text().strip()
+    if not tag or tag in (".", "..") or Path(tag).name != tag:
+        raise CheckpointRefused(f"checkpoint tag {tag!r} in {directory} is not a directory name; refusing to load it")
+    meta = directory / tag / CHECKPOINT_META
+    if not meta.is_file():
+        raise CheckpointRefused(f"{directory / tag} has no {CHECKPOINT_META}: not a checkpoint rayllm wrote, so it "
+                                "is not loaded (its pickles could run code); remove it to start over")
+    return tag, json.loads(meta.read_text())
 
 
 class ModelGroup:
@@ -96,30 +110,38 @@ class ModelGroup:
         """(Re)form the process group and build each rank's engine. Safe to call again on the
         same actors, e.g. after a rank was replaced; state then comes from load_checkpoint."""
         trainable, total_steps, timeout_s = self._trainable, self._total_steps, self._timeout_s
-        nodes = gather([w.node.remote() for w in self.workers], timeout_s)
+        nodes = self._wait([w.node.remote() for w in self.workers], "node", timeout_s=timeout_s)
         per_node, seen = Counter(n for n, _ in nodes), Counter()
         local = []
         for node_id, _ in nodes:
             local.append((seen[node_id], per_node[node_id]))
             seen[node_id] += 1
-        master = (nodes[0][1], ray.get(self.workers[0].free_port.remote()))
+        (port,) = self._wait([self.workers[0].free_port.remote()], "free_port", [0], timeout_s)
+        master = (nodes[0][1], port)
         self._masters.append(master)
         # Identifies this formation of the ranks: a weight channel joined by an earlier one is stale.
         self.formation = next(_FORMATIONS)
         cfg_json = self.cfg.model_dump_json()
-        gather([
+        self._wait([
             w.setup.remote(r, len(self.workers), master, local[r], self.name, self.model_path, self.kind,
                            cfg_json, trainable, total_steps)
             for r, w in enumerate(self.workers)
-        ], timeout_s)
+        ], "setup", timeout_s=timeout_s)
 
     @property
     def world_size(self) -> int:
         return len(self.workers)
 
+    def _wait(self, refs: list, method: str, ranks: list[int] | None = None, timeout_s: float | None = None) -> list:
+        """gather with this group's deadline (cfg.call_timeout_s unless given); a timeout names
+        the group, the method and the ranks that did not answer (refs[i] is ranks[i]'s call)."""
+        ranks = list(range(len(refs))) if ranks is None else ranks
+        return gather(refs, timeout_s or self.cfg.call_timeout_s, what=f"group {self.name!r}: {method}",
+                      names=[f"rank {r}" for r in ranks])
+
     def _all(self, method: str, per_rank_args: list[tuple] | None = None, **kwargs) -> list:
         args = per_rank_args or [()] * self.world_size
-        return gather([w.call.remote(method, *a, **kwargs) for w, a in zip(self.workers, args)])
+        return self._wait([w.call.remote(method, *a, **kwargs) for w, a in zip(self.workers, args)], method)
 
     # ---- compute ------------------------------------------------------------------------------
     def train_step(self, rows: list[dict] | RowRefs, loss: str = "sft", global_count: int | None = None,
@@ -139,7 +161,7 @@ class ModelGroup:
             global_count = batching.count_loss_tokens(rows)
         refs = [w.call.remote("train_step", s, global_count, loss=loss, **loss_kwargs)
                 for w, s in zip(self.workers, shards)]
-        return Pending(refs, _merge_steps)
+        return self._pending(refs, "train_step", _merge_steps)
 
     def eval_loss(self, rows: list[dict] | RowRefs) -> float:
         shards = batching.plan(rows, self.world_size, self.cfg.micro_batch_size, self.pad_id)
@@ -172,7 +194,10 @@ class ModelGroup:
                 return [float(x) for x in flat[: len(rows)]]
             return [flat[i][: len(r["input_ids"]) - 1] for i, r in enumerate(rows)]
 
-        return Pending(refs, per_row)
+        return self._pending(refs, method, per_row)
+
+    def _pending(self, refs: list, method: str, finish) -> "Pending":
+        return Pending(refs, finish, lambda: self._wait(refs, method))
 
     # ---- state --------------------------------------------------------------------------------
     def save_hf(self, path: str | Path) -> Path:
@@ -180,30 +205,38 @@ class ModelGroup:
         return Path(path)
 
     def save_checkpoint(self, directory: str | Path, step: int, client_state: dict | None = None) -> str:
-        """DeepSpeed checkpoint of every rank. `latest` is written only after all ranks finished,
-        so a crash mid-save leaves the previous checkpoint as the one resumed from."""
+        """DeepSpeed checkpoint of every rank, then the client state (JSON-serialisable) as
+        <tag>/rayllm.json, which load_checkpoint checks before anything is unpickled. `latest`
+        is written last, so a crash mid-save leaves the previous checkpoint as the one resumed from."""
         tag = f"step{step}"
         state = {**(client_state or {}), "step": step}
         self._all("save_checkpoint", [(str(directory), tag, state)] * self.world_size)
+        write_json_atomic(Path(directory) / tag / CHECKPOINT_META, state)
         write_text_atomic(Path(directory) / "latest", tag)
         return tag
 
-    def load_checkpoint(self, directory: str | Path, tag: str | None = None) -> dict | None:
-        """Load checkpoint `tag` (default: the latest); None when there is none."""
-        latest = Path(directory) / "latest"
-        if tag is None:
-            if not latest.is_file():
-                return None
-            tag = latest.read_text().strip()
-        return self._all("load_checkpoint", [(str(directory), tag)] * self.world_size)[0]
+    def load_checkpoint(self, directory: str | Path, tag: str | None = None, data: str | None = None) -> dict | None:
+        """Load checkpoint `tag` (default: the latest) and return its client state; None when
+        there is none. Its rayllm.json is checked first (see checkpoint_meta), and with `data`
+        given, a checkpoint whose "data" fingerprint differs is refused, all before any rank
+        unpickles a file (which the ranks then do with weights_only=True)."""
+        found = checkpoint_meta(directory, tag)
+        if found is None:
+            return None
+        tag, meta = found
+        if data is not None and meta.get("data") != data:
+            raise CheckpointRefused(f"group {self.name!r}: the checkpoint {Path(directory) / tag} was taken on "
+                                    f"other data ({meta.get('data')} != {data}); remove it to start over")
+        self._all("load_checkpoint", [(str(directory), tag)] * self.world_size)
+        return meta
 
     def full_state_dict(self, adapter_only: bool = False) -> dict:
-        return ray.get(self.full_state_dict_ref(adapter_only))
+        return self._wait([self.full_state_dict_ref(adapter_only)], "full_state_dict", [0])[0]
 
     def full_state_dict_ref(self, adapter_only: bool = False) -> ray.ObjectRef:
         """The gathered weights as an object-store reference held by rank 0: consumers (rollout
         engines) fetch them from there without a copy through the driver."""
-        out = gather([w.put_state_dict.remote(adapter_only) for w in self.workers])  # all ranks gather
+        out = self._wait([w.put_state_dict.remote(adapter_only) for w in self.workers], "put_state_dict")
         return out[0][0]
 
     # ---- weight channel to rollout engines (rayllm.rollout.transport) --------------------------
@@ -211,7 +244,7 @@ class ModelGroup:
         """Where rank 0 can host a weight channel: its node's address, a free port there, and
         the backend of its device (NCCL on GPU, gloo on CPU)."""
         w = self.workers[0]
-        (_, host), port = ray.get([w.node.remote(), w.free_port.remote()])
+        (_, host), port = self._wait([w.node.remote(), w.free_port.remote()], "channel_endpoint", [0, 0])
         return {"host": host, "port": port, "backend": "nccl" if self.placement.gpus > 0 else "gloo"}
 
     def open_channel_ref(self, spec_json: str) -> ray.ObjectRef:
@@ -219,7 +252,12 @@ class ModelGroup:
         return self.workers[0].call.remote("open_channel", spec_json)
 
     def weight_meta(self) -> list:
-        return ray.get(self.workers[0].call.remote("weight_meta"))
+        return self._wait([self.workers[0].call.remote("weight_meta")], "weight_meta", [0])[0]
+
+    def lora_merge_spec(self) -> dict | None:
+        """How the engines merge this group's pushed LoRA weights (peft's adapter name and
+        per-module scaling, read on rank 0: rayllm.rollout.weights); None without LoRA."""
+        return self._wait([self.workers[0].call.remote("lora_merge_spec")], "lora_merge_spec", [0])[0]
 
     def broadcast_weights_refs(self) -> list[ray.ObjectRef]:
         """Every rank gathers, rank 0 broadcasts on the channel; the engines must be receiving."""
@@ -246,13 +284,13 @@ class ModelGroup:
 
 class Pending:
     """Results of a call started on every rank: `.result()` waits (failing as soon as any rank
-    fails, like gather) and post-processes them."""
+    fails, and past the group's deadline, like ModelGroup._all) and post-processes them."""
 
-    def __init__(self, refs: list, finish):
-        self.refs, self.finish = refs, finish
+    def __init__(self, refs: list, finish, wait):
+        self.refs, self.finish, self._wait = refs, finish, wait
 
-    def result(self, timeout_s: float | None = None):
-        return self.finish(gather(self.refs, timeout_s))
+    def result(self):
+        return self.finish(self._wait())
 
 
 def _merge_steps(res: list[dict]) -> dict:

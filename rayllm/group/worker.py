@@ -1,6 +1,7 @@
 """The Ray actor that hosts one rank of a ModelGroup: a thin shell around RankEngine."""
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
@@ -17,6 +18,10 @@ class ModelWorker:
 
     def node(self) -> tuple[str, str]:
         return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+    def pid(self) -> int:
+        """This rank's process id (tests freeze a rank with SIGSTOP to make it hang)."""
+        return os.getpid()
 
     def free_port(self) -> int:
         with socket.socket() as s:

@@ -72,7 +72,8 @@ def value_model_from(trunk: str | Path, out: str | Path, seed: int = 0) -> Path:
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(str(trunk), num_labels=1, local_files_only=True)
+    model = AutoModelForSequenceClassification.from_pretrained(str(trunk), num_labels=1, local_files_only=True,
+                                                               use_safetensors=True)  # never a pickle
     tok = load_tokenizer(trunk)
     model.config.pad_token_id = tok.pad_token_id
     with atomic_dir(out) as tmp:

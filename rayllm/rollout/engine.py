@@ -44,25 +44,31 @@ class RolloutEngine:
             raise
         self.chunks = 0
         self._die_at: int | None = None
+        self._corrupt_loads = 0
 
     def info(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
 
-    def generate(self, prompts: list[list[int]], first_index: int, sampling_json: str) -> list:
+    def generate(self, prompts: list[list[int]], first_index: int, sampling_json: str,
+                 key: tuple[int, ...] = ()) -> list:
         from rayllm.config import SamplingConfig
 
         if self._die_at is not None and self.chunks >= self._die_at:
             os._exit(1)  # fault injection: the process dies mid-batch, as an OOM kill would
         self.chunks += 1
-        samples = self.backend.generate(prompts, first_index, SamplingConfig.model_validate_json(sampling_json))
+        samples = self.backend.generate(prompts, first_index, SamplingConfig.model_validate_json(sampling_json),
+                                        tuple(key))
         for s in samples:
             s.engine = self.index
         return samples
 
-    def load_weights(self, state: dict, lora_scaling: float | None = None) -> float:
+    def load_weights(self, state: dict, lora: dict | None = None) -> float:
         """Load pushed weights (fetched from the object store by Ray); returns seconds taken."""
         t = time.perf_counter()
-        self.backend.load_weights(state, lora_scaling)
+        if self._corrupt_loads > 0:
+            self._corrupt_loads -= 1
+            state = _corrupted(state)
+        self.backend.load_weights(state, lora)
         return time.perf_counter() - t
 
     def num_workers(self) -> int:
@@ -72,10 +78,10 @@ class RolloutEngine:
     def open_channel(self, spec: dict, first_rank: int) -> list[int]:
         return self.backend.open_channel(spec, first_rank)
 
-    def receive_weights(self, meta: list, lora_scaling: float | None = None) -> float:
+    def receive_weights(self, meta: list, lora: dict | None = None) -> float:
         """Receive a push on the collective channel and reload; returns seconds taken."""
         t = time.perf_counter()
-        self.backend.receive(meta, lora_scaling)
+        self.backend.receive(meta, lora)
         return time.perf_counter() - t
 
     def prompt_logprobs(self, rows: list[list[int]]) -> list[list[float]]:
@@ -85,9 +91,22 @@ class RolloutEngine:
         """Test hook: exit the process when asked for chunk number `chunks` (0-based)."""
         self._die_at = self.chunks + chunks
 
+    def corrupt_next_loads(self, n: int) -> None:
+        """Test hook: the next `n` object-store loads put noise into one weight matrix before
+        loading, as a corrupted transfer would: the engine then really holds wrong weights."""
+        self._corrupt_loads = n
+
     def close(self) -> None:
         self.backend = None
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _corrupted(state: dict) -> dict:
+    import torch
+
+    name = sorted(k for k, v in state.items() if v.dim() == 2 and "layers" in k)[-1]
+    noise = torch.randn(state[name].shape, generator=torch.Generator().manual_seed(0), dtype=state[name].dtype)
+    return {**state, name: state[name] + 0.05 * noise}
 
 
 def _sweep(tmp_root) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from rayllm.config import RolloutConfig, SamplingConfig
-from rayllm.rollout.sample import Sample
+from rayllm.rollout.sample import Sample, stream_seed
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -17,21 +17,26 @@ class HFBackend:
         from rayllm.models import load_tokenizer
 
         self.device = torch.device("cuda" if on_gpu else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[cfg.dtype]).to(self.device).eval()
+        # Weights only from safetensors (docs/security.md): a .bin checkpoint is a pickle.
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[cfg.dtype], use_safetensors=True,
+                                                          local_files_only=True).to(self.device).eval()
         self.tok = load_tokenizer(tokenizer_path)
         self.eos = self.tok.eos_token_id
         self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos
         self.num_workers = 1
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], first_index: int, s: SamplingConfig) -> list[Sample]:
+    def generate(self, prompts: list[list[int]], first_index: int, s: SamplingConfig,
+                 key: tuple[int, ...] = ()) -> list[Sample]:
         T = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), T), self.pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, p in enumerate(prompts):  # left padding: generation continues every row at the end
             ids[i, T - len(p):] = torch.as_tensor(p)
             mask[i, T - len(p):] = 1
-        torch.manual_seed(s.seed * 1_000_003 + first_index)
+        # One stream per chunk, from the batch's key and the chunk's first prompt: a requeued
+        # chunk (same prompts, same first index) draws the same samples again.
+        torch.manual_seed(stream_seed(s.seed, key, first_index))
         greedy = s.temperature == 0
         out = self.model.generate(
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device), do_sample=not greedy,
@@ -73,10 +78,10 @@ class HFBackend:
             out.append(logp.gather(-1, ids[0, 1:, None]).squeeze(-1).cpu().tolist())
         return out
 
-    def load_weights(self, state: dict, lora_scaling: float | None = None) -> None:
+    def load_weights(self, state: dict, lora: dict | None = None) -> None:
         from rayllm.rollout.weights import prepare_state
 
-        missing, unexpected = self.model.load_state_dict(prepare_state(state, lora_scaling), strict=False)
+        missing, unexpected = self.model.load_state_dict(prepare_state(state, lora), strict=False)
         if unexpected:
             raise ValueError(f"weights not in the model: {unexpected[:5]}")
 
@@ -87,8 +92,8 @@ class HFBackend:
         self.channel = Channel(ChannelSpec(**spec), first_rank)
         return [first_rank]
 
-    def receive(self, meta: list, lora_scaling: float | None = None) -> None:
-        self.load_weights(self.channel.recv_all(meta), lora_scaling)
+    def receive(self, meta: list, lora: dict | None = None) -> None:
+        self.load_weights(self.channel.recv_all(meta), lora)
 
     def close_channel(self) -> None:
         if getattr(self, "channel", None) is not None:

@@ -11,13 +11,24 @@ Weights travel one of two ways (`weight_transport`), chosen by device unless set
 collective channel, where rank 0 of the policy broadcasts each gathered bucket to every engine
 worker (NCCL on GPU; gloo on CPU, which is how the path is tested without a GPU), or through the
 object store, where rank 0 puts the full state dict (ZeRO-3 shards included) and every engine
-fetches it (no copy through the driver). Either way the engine reloads in place. Then each engine's teacher-forced log-probs on a fixed probe batch are compared with
-the trainer's for the same tokens: a gap above tolerance raises SyncMismatch, naming the
-engine and the gap, instead of letting a run train on rollouts from stale or broken weights.
+fetches it (no copy through the driver). Either way the engine reloads in place. Then each
+engine's teacher-forced log-probs on a fixed probe batch are compared with the trainer's for the
+same tokens. A push is judged by the mean |delta log p| over the probe's tokens (and the token
+probability error exp(mean |delta log p|) derived from it), with a looser bound on the largest
+gap: the largest gap of two correct fp32 implementations grows with the logits as the policy
+sharpens, while a bad push moves the mean by orders of magnitude (docs/weight_sync.md). A push
+that fails is retried once; a second failure raises SyncMismatch, naming the engine and its
+statistics, instead of letting a run train on rollouts from stale or broken weights.
+
+Every wait on an engine has a deadline (`call_timeout_s`, `start_timeout_s`): a hung engine
+fails the call with an error naming the engine and the call, instead of hanging the driver.
 """
 from __future__ import annotations
 
 import json
+import logging
+import math
+import re
 import shutil
 import time
 from collections import deque
@@ -27,17 +38,23 @@ import numpy as np
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from rayllm.config import LoraConfig, RolloutConfig, SamplingConfig
+from rayllm.config import RolloutConfig, SamplingConfig
 from rayllm.env import cache_dir, has_cuda, worker_env
 from rayllm.rollout.engine import RolloutEngine
+from rayllm.remote import CallTimeout, gather
 from rayllm.rollout.sample import Sample
-from rayllm.group import gather
 
 _DEAD = (RayActorError, ActorDiedError, ActorUnavailableError)
+log = logging.getLogger("rayllm.rollout")
 
 
 class SyncMismatch(RuntimeError):
-    """An engine's log-probs disagree with the trainer's after a weight push."""
+    """An engine's log-probs disagree with the trainer's after a weight push; `report` holds the
+    push's statistics (per engine under "per_engine")."""
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report or {}
 
 
 class EngineStartError(RuntimeError):
@@ -52,8 +69,8 @@ class RolloutPool:
             raise EngineStartError(f"{name}: model path {model_path} has no config.json")
         self.cfg, self.name = cfg, name
         self.model_path, self.tokenizer_path = str(model_path), str(tokenizer_path or model_path)
-        self._weights: tuple[ray.ObjectRef, float | None] | None = None  # latest push, for restarts
-        self._source: tuple[object, float | None] | None = None  # (policy group, LoRA scaling) of it
+        self._weights: tuple[ray.ObjectRef, dict | None] | None = None  # latest push, for restarts
+        self._source: tuple[object, dict | None] | None = None  # (policy group, LoRA merge spec) of it
         self._channel_key: tuple | None = None  # (group formation, engine launches) the open channel joins
         self._launches = [0] * cfg.num_engines  # how often each engine slot was (re)started
         self.restarts = 0
@@ -77,11 +94,11 @@ class RolloutPool:
         self._launches[i] += 1
         ready = handle.info.remote()
         if self._weights is None and self._source is not None:  # last push was collective
-            group, scaling = self._source
-            self._weights = (group.full_state_dict_ref(), scaling)
+            group, lora = self._source
+            self._weights = (group.full_state_dict_ref(), lora)
         if self._weights is not None:  # a replacement starts from the latest pushed weights
-            ref, scaling = self._weights
-            ready = _after(handle.load_weights.remote(ref, scaling), handle)
+            ref, lora = self._weights
+            ready = _after(handle.load_weights.remote(ref, lora), handle)
         self._starting[ready] = i
 
     def _wait_started(self, timeout_s: float | None) -> None:
@@ -118,20 +135,25 @@ class RolloutPool:
             self._start(i)
 
     # ---- generation ---------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig | None = None) -> list[Sample]:
-        """n samples for every prompt, ordered by (prompt_index, sample_index)."""
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig | None = None,
+                 key: tuple[int, ...] = ()) -> list[Sample]:
+        """n samples for every prompt, ordered by (prompt_index, sample_index). Prompt i is
+        sampled with the stream stream_seed(sampling.seed, key, i): callers give each batch its
+        own key (PPO: the pipeline seed and the iteration), so batches draw fresh noise, and a
+        chunk requeued after an engine death reproduces what the dead engine would have drawn."""
         s = sampling or self.cfg.sampling
-        s_json = s.model_dump_json()
+        s_json, key = s.model_dump_json(), tuple(int(k) for k in key)
         c = self.cfg.chunk_size
         todo = deque(range(0, len(prompts), c))
-        inflight: dict[ray.ObjectRef, tuple[int, int, object]] = {}  # ref -> (slot, chunk start, engine)
+        # ref -> (slot, chunk start, engine, deadline)
+        inflight: dict[ray.ObjectRef, tuple[int, int, object, float]] = {}
         done: dict[int, list[Sample]] = {}
 
         def dispatch(i: int) -> None:
             if todo:
                 start = todo.popleft()
-                ref = self.engines[i].generate.remote(prompts[start:start + c], start, s_json)
-                inflight[ref] = (i, start, self.engines[i])
+                ref = self.engines[i].generate.remote(prompts[start:start + c], start, s_json, key)
+                inflight[ref] = (i, start, self.engines[i], time.monotonic() + self.cfg.call_timeout_s)
 
         self._poll_started()
         for _ in range(2):
@@ -146,14 +168,20 @@ class RolloutPool:
                     dispatch(i)
                 continue
             waits = list(inflight) + list(self._starting)
-            ready, _ = ray.wait(waits, num_returns=1)
+            first_due = min(v[3] for v in inflight.values())
+            ready, _ = ray.wait(waits, num_returns=1, timeout=max(0.0, first_due - time.monotonic()))
+            if not ready:
+                i, start, _, _ = min(inflight.values(), key=lambda v: v[3])
+                raise CallTimeout(f"{self.name}: engine {i}: generate (the chunk of prompts {start}.."
+                                  f"{min(start + c, len(prompts)) - 1}) did not answer within "
+                                  f"{self.cfg.call_timeout_s:g} s (rollout.call_timeout_s)")
             if ready[0] in self._starting:
                 self._poll_started()
                 for i in self._alive():
-                    if sum(1 for e, _, _ in inflight.values() if e == i) < 2:
+                    if sum(1 for e, _, _, _ in inflight.values() if e == i) < 2:
                         dispatch(i)
                 continue
-            i, start, handle = inflight.pop(ready[0])
+            i, start, handle, _ = inflight.pop(ready[0])
             try:
                 samples = ray.get(ready[0])
             except _DEAD:
@@ -175,34 +203,46 @@ class RolloutPool:
         t = self.cfg.weight_transport
         return ("collective" if has_cuda() else "object_store") if t == "auto" else t
 
-    def sync(self, group, lora: LoraConfig | None = None) -> dict[str, float]:
-        """Push the policy's current weights into every engine, then verify them. Returns the
-        seconds taken by the gather, the push and the verification, and the largest gap.
+    def sync(self, group) -> dict:
+        """Push the policy's current weights into every engine, then verify them; a push that
+        fails verification is pushed and verified once more (a transfer can be corrupted once),
+        and a second failure raises SyncMismatch. Returns the seconds taken by the gather, the
+        push and the verification, the verification's statistics (worst engine) and `attempts`.
 
         The trainer computes its probe log-probs while the engines reload (the ranks are idle
         then), and the engines compute theirs in parallel, so verification adds little more
         than one engine forward to the push."""
-        scaling = lora.alpha / lora.r if lora is not None and lora.enabled else None
-        self._source = (group, scaling)
-        if self.transport == "collective":
-            return self._sync_collective(group, scaling)
+        lora = group.lora_merge_spec()  # peft's adapter and per-module scaling; None without LoRA
+        self._source = (group, lora)
+        for attempt in (1, 2):
+            try:
+                push = self._sync_collective if self.transport == "collective" else self._sync_object_store
+                return {**push(group, lora), "attempts": attempt}
+            except SyncMismatch as e:
+                if attempt == 2:
+                    e.report["attempts"] = attempt
+                    raise
+                log.warning("%s; pushing again (attempt 2 of 2)", e)
+                self._channel_key = None  # a broken channel is re-formed for the second try
+
+    def _sync_object_store(self, group, lora: dict | None) -> dict:
         t0 = time.perf_counter()
         ref = group.full_state_dict_ref()
         t1 = time.perf_counter()
-        self._weights = (ref, scaling)
+        self._weights = (ref, lora)
         alive = self._alive()
-        loads = [self.engines[i].load_weights.remote(ref, scaling) for i in alive]
+        loads = [self.engines[i].load_weights.remote(ref, lora) for i in alive]
         want = self._trainer_probe(group) if self.cfg.verify else None
         t2 = time.perf_counter()
         try:
-            ray.get(loads)
+            self._gather(loads, alive, "load_weights")
         except _DEAD as e:
             raise RuntimeError(f"{self.name}: an engine died while loading weights: {_cause(e)}") from None
         t3 = time.perf_counter()
         out = {"transport": "object_store", "gather_s": t1 - t0, "push_s": t3 - t1, "engines": len(alive)}
         return self._verified(out, want, t2 - t1, t3)
 
-    def _sync_collective(self, group, scaling: float | None) -> dict[str, float]:
+    def _sync_collective(self, group, lora: dict | None) -> dict:
         t0 = time.perf_counter()
         alive = self._alive()
         self._ensure_channel(group, alive)
@@ -210,17 +250,24 @@ class RolloutPool:
         t1 = time.perf_counter()
         self._weights = None  # a replacement engine fetches the weights from the group itself
         sends = group.broadcast_weights_refs()
-        recvs = [self.engines[i].receive_weights.remote(meta, scaling) for i in alive]
+        recvs = [self.engines[i].receive_weights.remote(meta, lora) for i in alive]
+        names = {**{r: f"{group.name} rank {k}" for k, r in enumerate(sends)},
+                 **{r: f"engine {i}" for r, i in zip(recvs, alive)}}
         pending, waiting = sends + recvs, set(sends)
+        deadline = time.monotonic() + self.cfg.call_timeout_s
         try:
             while waiting:  # fail at once on any error rather than wait on a dead peer
-                done, pending = ray.wait(pending, num_returns=1)
+                done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+                if not done:
+                    raise CallTimeout(f"{self.name}: weight broadcast: no answer within {self.cfg.call_timeout_s:g} s "
+                                      f"from {', '.join(names[r] for r in pending)} (rollout.call_timeout_s)")
                 ray.get(done)
                 waiting -= set(done)
             t2 = time.perf_counter()
             want = self._trainer_probe(group) if self.cfg.verify else None  # ranks free, engines reloading
             t3 = time.perf_counter()
-            ray.get(pending)
+            gather(pending, max(1.0, deadline - time.monotonic()), f"{self.name}: receive_weights",
+                   [names[r] for r in pending])
         except _DEAD as e:
             self._channel_key = None  # re-formed with the live engines at the next push
             raise RuntimeError(f"{self.name}: an engine died while receiving weights: {_cause(e)}") from None
@@ -231,17 +278,20 @@ class RolloutPool:
 
     def _verified(self, out: dict, want, probe_s: float, t_loaded: float) -> dict:
         if want is not None:
-            out["max_gap"] = self._compare(want)
+            out.update(self._compare(want))
             out["verify_s"] = time.perf_counter() - t_loaded
-            out["trainer_probe_s"] = probe_s  # overlapped with the engines' reload
+            out["trainer_probe_s"] = probe_s
         return out
+
+    def _gather(self, refs: list, engines: list[int], call: str) -> list:
+        return gather(refs, self.cfg.call_timeout_s, f"{self.name}: {call}", [f"engine {i}" for i in engines])
 
     def _ensure_channel(self, group, alive: list[int]) -> None:
         """(Re)form the weight channel when the policy group or the set of engines changed."""
         key = (group.formation, tuple((i, self._launches[i]) for i in alive))
         if key == self._channel_key:
             return
-        workers = ray.get([self.engines[i].num_workers.remote() for i in alive])
+        workers = self._gather([self.engines[i].num_workers.remote() for i in alive], alive, "num_workers")
         ep = group.channel_endpoint()
         spec = {"host": ep["host"], "port": ep["port"], "backend": ep["backend"],
                 "world_size": 1 + sum(workers), "wire_dtype": self.cfg.dtype}
@@ -268,23 +318,38 @@ class RolloutPool:
         rows = self.probe()
         return [np.asarray(x, dtype=np.float64) for x in group.logprobs([{"input_ids": r} for r in rows])]
 
-    def verify(self, group) -> float:
-        """Largest |engine - trainer| log-prob over the probe batch, across engines; raises
-        SyncMismatch naming the first engine beyond tolerance."""
+    def verify(self, group) -> dict:
+        """Compare every engine with the trainer on the probe batch; returns the statistics of
+        the worst engine (see `_compare`) or raises SyncMismatch naming the first bad one."""
         return self._compare(self._trainer_probe(group))
 
-    def _compare(self, want: list[np.ndarray]) -> float:
+    def _compare(self, want: list[np.ndarray]) -> dict:
+        """Per engine, over every probe token: mean |delta log p|, the token probability error
+        exp(mean |delta log p|) (NeMo-RL's alarm is 1.01), and the largest |delta log p|. Judged
+        by the mean against `mean_tolerance` and the largest against the looser `tolerance`."""
         rows = self.probe()
         alive = self._alive()
-        got = ray.get([self.engines[i].prompt_logprobs.remote(rows) for i in alive])
-        worst = 0.0
+        got = self._gather([self.engines[i].prompt_logprobs.remote(rows) for i in alive], alive, "prompt_logprobs")
+        want_flat = np.concatenate(want)
+        per_engine, bad = {}, None
         for i, g in zip(alive, got):
-            gap = max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(g, want))
-            if not gap <= self.cfg.tolerance:  # NaN fails too
-                raise SyncMismatch(f"{self.name}: engine {i} log-probs differ from the trainer's by {gap:.3g} "
-                                   f"(tolerance {self.cfg.tolerance:g}) after the weight push")
-            worst = max(worst, gap)
-        return worst
+            gap = np.abs(np.concatenate([np.asarray(x, dtype=np.float64) for x in g]) - want_flat)
+            st = {"mean_gap": float(np.mean(gap)), "max_gap": float(np.max(gap))}
+            st["token_prob_error"] = math.exp(st["mean_gap"])
+            per_engine[i] = st
+            # `not x <= bound`: a NaN fails too.
+            if bad is None and not (st["mean_gap"] <= self.cfg.mean_tolerance and st["max_gap"] <= self.cfg.tolerance):
+                bad = i
+        worst = {k: max(st[k] for st in per_engine.values()) for k in ("mean_gap", "max_gap", "token_prob_error")}
+        report = {**worst, "per_engine": per_engine}
+        if bad is not None:
+            st = per_engine[bad]
+            raise SyncMismatch(
+                f"{self.name}: engine {bad} log-probs differ from the trainer's after the weight push: "
+                f"mean |delta| {st['mean_gap']:.3g} (tolerance {self.cfg.mean_tolerance:g}), largest "
+                f"{st['max_gap']:.3g} (tolerance {self.cfg.tolerance:g}), token probability error "
+                f"{st['token_prob_error']:.6f}", report)
+        return report
 
     def shutdown(self) -> None:
         for i, e in enumerate(self.engines):
@@ -310,7 +375,26 @@ def _after(load_ref: ray.ObjectRef, handle) -> ray.ObjectRef:
     return _info_after.remote(load_ref, handle.info.remote())
 
 
-def _cause(e: Exception) -> str:
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAY_FRAME = re.compile(r",?\s*ray::[\w.]+\(\)\s*\(pid=[^)]*\)")  # Ray's "ray::Actor.method() (pid=..)"
+_CHAINING = ("During handling of the above exception", "The above exception was the direct cause")
+
+
+def _cause(e: BaseException, max_lines: int = 3) -> str:
+    """The error type, the first meaningful lines and the final one of an engine's error
+    (vLLM's last line alone is often only "See root cause above"; a Ray actor's error starts
+    with Ray's own words). Traceback frames and Ray's process tags are left out; the full text
+    goes to the log."""
     cause = getattr(e, "cause", None) or e
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[-1] if text else ''}"
+    text = str(cause).strip()
+    log.error("%s: %s", type(cause).__name__, text)
+    meaningful, frame = [], False
+    for ln in (_RAY_FRAME.sub("", _ANSI.sub("", x)).strip() for x in text.splitlines()):
+        if frame or ln.startswith('File "'):  # a traceback frame and its source line
+            frame = ln.startswith('File "')
+            continue
+        if ln and not ln.startswith(("Traceback",) + _CHAINING) and not set(ln) <= set("^~ -="):
+            meaningful.append(ln[:300])
+    keep = meaningful[:max_lines] + [ln for ln in meaningful[-1:] if ln not in meaningful[:max_lines]]
+    more = "" if len(keep) >= len(meaningful) else " [... full error in the log]"
+    return f"{type(cause).__name__}: {' | '.join(keep)}{more}"

@@ -12,7 +12,7 @@ blocks were computed with the old weights.
 from __future__ import annotations
 
 from rayllm.config import RolloutConfig, SamplingConfig
-from rayllm.rollout.sample import Sample
+from rayllm.rollout.sample import Sample, stream_seed
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -25,6 +25,7 @@ class VLLMBackend:
                       max_model_len=cfg.max_model_len, enforce_eager=not on_gpu,
                       # The reported log-probs are those sampling used: after temperature.
                       logprobs_mode="processed_logprobs", enable_prefix_caching=True,
+                      load_format="safetensors",  # never a pickled .bin (docs/security.md)
                       worker_extension_cls="rayllm.rollout.vllm_worker.RayllmWorkerExtension")
         if on_gpu:
             kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size,
@@ -42,10 +43,11 @@ class VLLMBackend:
                               stop=s.stop or None, logprobs=0, seed=seed,
                               ignore_eos=s.ignore_eos, **extra)
 
-    def generate(self, prompts: list[list[int]], first_index: int, s: SamplingConfig) -> list[Sample]:
-        # One seed per prompt, from its index in the whole batch: a prompt requeued to another
-        # engine is sampled with the same random stream.
-        params = [self._params(s, s.seed * 1_000_003 + first_index + i) for i in range(len(prompts))]
+    def generate(self, prompts: list[list[int]], first_index: int, s: SamplingConfig,
+                 key: tuple[int, ...] = ()) -> list[Sample]:
+        # One seed per prompt, from the batch's key and the prompt's index in the whole batch: a
+        # prompt requeued to another engine is sampled with the same random stream.
+        params = [self._params(s, stream_seed(s.seed, key, first_index + i)) for i in range(len(prompts))]
         outs = []
         for w in self._waves(prompts, s.n):
             outs += self.llm.generate([{"prompt_token_ids": p} for p in prompts[w]], params[w], use_tqdm=False)
@@ -84,15 +86,15 @@ class VLLMBackend:
         outs = self.llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)
         return [[d[t].logprob for t, d in zip(r[1:], o.prompt_logprobs[1:])] for r, o in zip(rows, outs)]
 
-    def load_weights(self, state: dict, lora_scaling: float | None = None) -> None:
-        self.llm.collective_rpc("rayllm_load", args=(state, lora_scaling, self.tied))
+    def load_weights(self, state: dict, lora: dict | None = None) -> None:
+        self.llm.collective_rpc("rayllm_load", args=(state, lora, self.tied))
         self.llm.reset_prefix_cache()  # its KV blocks were computed with the old weights
 
     def open_channel(self, spec: dict, first_rank: int) -> list[int]:
         return self.llm.collective_rpc("rayllm_open_channel", args=(spec, first_rank))
 
-    def receive(self, meta: list, lora_scaling: float | None = None) -> None:
-        self.llm.collective_rpc("rayllm_receive", args=(meta, lora_scaling, self.tied))
+    def receive(self, meta: list, lora: dict | None = None) -> None:
+        self.llm.collective_rpc("rayllm_receive", args=(meta, lora, self.tied))
         self.llm.reset_prefix_cache()
 
     def close_channel(self) -> None:

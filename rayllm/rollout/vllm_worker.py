@@ -9,12 +9,12 @@ import time
 
 
 class RayllmWorkerExtension:
-    def rayllm_load(self, state: dict, lora_scaling: float | None, tied: bool) -> float:
+    def rayllm_load(self, state: dict, lora: dict | None, tied: bool) -> float:
         """Reload in place from a state dict (the object-store path)."""
         from rayllm.rollout.weights import prepare_state
 
         t = time.perf_counter()
-        self.reload_weights(weights_iterator=iter(prepare_state(state, lora_scaling, tied).items()),
+        self.reload_weights(weights_iterator=iter(prepare_state(state, lora, tied).items()),
                             is_checkpoint_format=True)
         return time.perf_counter() - t
 
@@ -31,9 +31,9 @@ class RayllmWorkerExtension:
             self._rayllm_channel.close()
         self._rayllm_channel = None
 
-    def rayllm_receive(self, meta: list, lora_scaling: float | None, tied: bool) -> float:
+    def rayllm_receive(self, meta: list, lora: dict | None, tied: bool) -> float:
         """Receive every bucket broadcast by the policy's rank 0, then reload in place."""
         t = time.perf_counter()
         state = self._rayllm_channel.recv_all(meta)
-        self.rayllm_load(state, lora_scaling, tied)
+        self.rayllm_load(state, lora, tied)
         return time.perf_counter() - t

@@ -50,10 +50,11 @@ from rayllm.config import PPO, GroupConfig
 from rayllm.datasets.prompts import encode_prompt, load_prompts
 from rayllm.datasets.tasks import scorer
 from rayllm.group import ModelGroup, Placement
+from rayllm.group.model_group import CheckpointRefused, checkpoint_meta
 from rayllm.hooks import load_hook
 from rayllm.io import append_jsonl, write_json_atomic
 from rayllm.models import load_tokenizer, resolve_model, value_model_from
-from rayllm.rollout import RolloutPool
+from rayllm.rollout import RolloutPool, SyncMismatch
 
 ROLES = ("policy", "reference", "reward", "critic")
 
@@ -118,7 +119,11 @@ class PPOTrainer:
         self.score_fn = scorer(stage.data.source, stage.score_fn)
         self.train_records, self.eval_records = load_prompts(stage.data, seed)
         n = stage.train.rollout_batch_size * stage.rollout.sampling.n
-        updates = stage.train.iterations * a.ppo_epochs * (n // a.mini_batch_size)
+        # Each group's LR schedule spans the optimizer steps it takes: the critic steps in every
+        # iteration, the policy not in the critic's warm-up (run_ppo's update_policy).
+        per_iteration, iters = a.ppo_epochs * (n // a.mini_batch_size), stage.train.iterations
+        policy_iters = max(0, iters - stage.train.critic_warmup) if paths["critic"] is not None else iters
+        updates = {"policy": policy_iters * per_iteration, "critic": iters * per_iteration}
         cfgs = {r: getattr(stage, r) for r in ROLES if paths[r] is not None}
         shared = placements(cfgs)
         self._placements = list({id(p): p for p in shared.values()}.values())
@@ -128,7 +133,7 @@ class PPOTrainer:
             for role, cfg in cfgs.items():
                 self.groups[role] = ModelGroup(
                     f"{stage.name}/{role}", cfg, paths[role], kinds[role], trainable=role in ("policy", "critic"),
-                    total_steps=updates, placement=shared.get(role), pad_id=self.tok.pad_token_id)
+                    total_steps=updates.get(role, 0), placement=shared.get(role), pad_id=self.tok.pad_token_id)
             self.pool = RolloutPool(stage.rollout, paths["policy"], name=f"{stage.name}/rollout")
         except BaseException:
             self.shutdown()
@@ -146,11 +151,12 @@ class PPOTrainer:
         self.cursor += n
         return out
 
-    def make_experience(self, records: list[dict]) -> dict:
+    def make_experience(self, records: list[dict], iteration: int) -> dict:
         s, a = self.stage.rollout.sampling, self.stage.algo
         t0 = time.perf_counter()
         prompts = [encode_prompt(self.tok, r["prompt"])[-self.stage.data.max_prompt_length:] for r in records]
-        samples = self.pool.generate(prompts, s)
+        # Each iteration draws fresh sampling noise: the streams are keyed on (seed, iteration).
+        samples = self.pool.generate(prompts, s, key=(self.seed, iteration))
         t1 = time.perf_counter()
         rows = [{"input_ids": x.prompt_ids + x.response_ids,
                  "loss_mask": [0] * len(x.prompt_ids) + [1] * len(x.response_ids)} for x in samples]
@@ -285,7 +291,9 @@ class PPOTrainer:
         for suffix, temperature in (("", 0.0), ("_sampled", s.temperature)):
             params = SamplingConfig(n=1, temperature=temperature, top_p=s.top_p, max_tokens=s.max_tokens,
                                     stop=s.stop, seed=s.seed + 1)
-            samples = self.pool.generate(prompts, params)
+            # Iteration 0 is never a training iteration: every evaluation draws the same streams,
+            # so evaluations differ by the policy only.
+            samples = self.pool.generate(prompts, params, key=(self.seed, 0))
             texts = [self.tok.decode(x.response_ids, skip_special_tokens=True) for x in samples]
             if self.score_fn is not None:
                 out[f"eval_ground_truth{suffix}"] = float(np.mean([self.score_fn(t, r)
@@ -301,27 +309,30 @@ class PPOTrainer:
         return out
 
     def sync(self) -> dict:
-        rep = self.pool.sync(self.groups["policy"], self.stage.policy.lora)
-        return {"sync_s": rep.get("push_s", 0) + rep.get("gather_s", 0) + rep.get("verify_s", 0),
-                "sync_verify_s": rep.get("verify_s", 0.0), "sync_max_gap": rep.get("max_gap", float("nan"))}
+        """Push the policy into the engines (verified, retried once: RolloutPool.sync); the
+        push's statistics as metrics."""
+        return sync_metrics(self.pool.sync(self.groups["policy"]))
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save(self, ckpt_dir: Path, it: int, loop: dict) -> None:
         """Policy and critic (DeepSpeed checkpoints, optimizer and LR schedule included) and the
         loop's state: prompt cursor, shuffling RNG, KL coefficient, reward moments, and `loop`
         (the metrics so far). trainer.json is written last, naming the iteration both group
-        checkpoints hold, so a crash mid-save resumes from the previous one."""
-        (tag,) = {self.groups[r].save_checkpoint(ckpt_dir / r, it) for r in ("policy", "critic") if r in self.groups}
+        checkpoints hold, so a crash mid-save resumes from the previous one. Each group's
+        rayllm.json carries the fingerprint too, checked again before its files are unpickled."""
+        (tag,) = {self.groups[r].save_checkpoint(ckpt_dir / r, it, {"data": loop["data"]})
+                  for r in ("policy", "critic") if r in self.groups}
         state = {"iteration": it, "tag": tag, "cursor": self.cursor, "rng": self.rng.bit_generator.state,
                  "kl_coef": self.kl_ctl.value, "moments": vars(self.moments) if self.moments else None, **loop}
         write_json_atomic(ckpt_dir / "trainer.json", state)
 
     def restore(self, ckpt_dir: Path, state: dict) -> None:
         """Load the checkpoint `state` names (see checkpoint_state) and push its policy into
-        the engines."""
+        the engines. Only that tag is loaded, and only once its rayllm.json shows the fingerprint
+        trainer.json was checked against (ModelGroup.load_checkpoint)."""
         for role in ("policy", "critic"):
             if role in self.groups:
-                self.groups[role].load_checkpoint(ckpt_dir / role, state["tag"])
+                self.groups[role].load_checkpoint(ckpt_dir / role, state["tag"], data=state["data"])
         self.cursor = state["cursor"]
         self.rng.bit_generator.state = state["rng"]
         self.kl_ctl.value = state["kl_coef"]
@@ -341,24 +352,44 @@ class PPOTrainer:
         self.groups, self._placements = {}, []
 
 
+def sync_metrics(rep: dict) -> dict:
+    """A push's report (RolloutPool.sync, or SyncMismatch.report) as flat metrics: times, the
+    verification's statistics of the worst engine, and how many attempts it took."""
+    out = {"sync_s": rep.get("push_s", 0) + rep.get("gather_s", 0) + rep.get("verify_s", 0),
+           "sync_verify_s": rep.get("verify_s", 0.0), "sync_attempts": rep.get("attempts", 1)}
+    for k in ("mean_gap", "max_gap", "token_prob_error"):
+        out[f"sync_{k}"] = rep.get(k, float("nan"))
+    return out
+
+
 def checkpoint_fingerprint(stage: PPO, artifacts: dict[str, str]) -> str:
     """What a checkpoint must have been taken on to be resumed: the stage's config (except how
     long it runs and how often it saves or evaluates) and the models it started from."""
     cfg = stage.model_dump(mode="json")
     cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in ("iterations", "checkpoint_every", "eval_every")}
+    for role in ("policy", "critic", "reference", "reward"):  # how long the driver waits changes no result
+        cfg[role].pop("call_timeout_s", None)
     return hashlib.sha256(json.dumps([cfg, artifacts], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def checkpoint_state(stage: PPO, ckpt_dir: Path, fingerprint: str) -> dict | None:
     """The loop state of the last checkpoint, None when there is none. Checked before any group
-    starts: a checkpoint of another config or other models is refused, naming both."""
+    starts: a checkpoint of another config or other models is refused, naming both, and so is
+    one whose group checkpoints lack rayllm's JSON or name other data (all read as JSON only)."""
     path = ckpt_dir / "trainer.json"
     if not path.is_file():
         return None
     state = json.loads(path.read_text())
     if state.get("data") != fingerprint:
-        raise ValueError(f"{stage.name}: the checkpoint in {ckpt_dir} was taken with another config or other "
-                         f"models ({state.get('data')} != {fingerprint}); remove it to start over")
+        raise CheckpointRefused(f"{stage.name}: the checkpoint in {ckpt_dir} was taken with another config or "
+                                f"other models ({state.get('data')} != {fingerprint}); remove it to start over")
+    for role in ("policy", "critic"):
+        if (ckpt_dir / role).exists():
+            _, meta = checkpoint_meta(ckpt_dir / role, state["tag"])
+            if meta.get("data") != fingerprint:
+                raise CheckpointRefused(f"{stage.name}: the {role} checkpoint in {ckpt_dir / role} was taken with "
+                                        f"another config or other models ({meta.get('data')} != {fingerprint}); "
+                                        "remove it to start over")
     return state
 
 
@@ -389,15 +420,28 @@ def run_ppo(stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, str], met
         bar = tqdm(total=iters, initial=start - 1, desc=stage.name, disable=not progress, unit="iter",
                    mininterval=0.2 if sys.stderr.isatty() else 15.0)
         for it in range(start, iters + 1):
-            exp = trainer.make_experience(trainer.next_prompts())
+            exp = trainer.make_experience(trainer.next_prompts(), it)
             t = time.perf_counter()
             update_policy = it > stage.train.critic_warmup or "critic" not in trainer.groups
             m = {**exp["metrics"], **trainer.train(exp, policy=update_policy)}
             m["train_s"] = time.perf_counter() - t
-            # The engines already hold the weights of a policy that did not step.
-            m.update(trainer.sync() if update_policy else {"sync_s": 0.0})
             if update_policy:  # a policy held still (warm-up) says nothing about the KL it would drift to
                 trainer.kl_ctl.update(exp["metrics"]["kl"], exp["n"])
+                try:
+                    m.update(trainer.sync())
+                except SyncMismatch as e:
+                    # The update is done; only its push failed twice. Keep the iteration: a
+                    # checkpoint of it, which a rerun resumes from (restoring pushes again).
+                    m.update(sync_metrics(e.report), sync_failed=True)
+                    m["iteration_s"] = m["generate_s"] + m["experience_s"] + m["train_s"] + m["sync_s"]
+                    history.append(m)
+                    log({"step": it, **m})
+                    trainer.save(ckpt_dir, it, {"data": fingerprint, "first": first, "history": history})
+                    say(f"[rayllm] {stage.name}: the weight push after iteration {it} failed verification twice; "
+                        f"checkpoint written to {ckpt_dir}, a rerun resumes after iteration {it}", flush=True)
+                    raise
+            else:  # the engines already hold the weights of a policy that did not step
+                m["sync_s"] = 0.0
             m["iteration_s"] = m["generate_s"] + m["experience_s"] + m["train_s"] + m["sync_s"]
             if stage.train.eval_every and it % stage.train.eval_every == 0 and it < iters:
                 m.update({k: v for k, v in trainer.evaluate().items() if k != "eval_examples"})

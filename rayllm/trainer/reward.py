@@ -88,7 +88,7 @@ def reward_init_model(stage: RewardModel, out_dir: Path, seed: int, artifacts: d
 
 
 def policy_pairs(stage: RewardModel, pairs: list[dict], artifacts: dict[str, str], tok, out_dir: Path,
-                 say=print) -> tuple[list[dict], dict]:
+                 say=print, seed: int = 0) -> tuple[list[dict], dict]:
     """`stage.policy_samples`: the starting policy's own wrong answers as rejected responses
     (see PolicySamplesConfig). The pairs are written to <out_dir>/policy_pairs.jsonl once, so a
     resumed stage trains on the same pairs without sampling again."""
@@ -100,7 +100,7 @@ def policy_pairs(stage: RewardModel, pairs: list[dict], artifacts: dict[str, str
     ps = stage.policy_samples
     cache, meta_path = out_dir / "policy_pairs.jsonl", out_dir / "policy_pairs.json"
     key = hashlib.sha256((ps.model_dump_json() + stage.data.model_dump_json() + json.dumps(artifacts, sort_keys=True)
-                          + (stage.model.model_dump_json() if stage.model else "")).encode()).hexdigest()[:16]
+                          + (stage.model.model_dump_json() if stage.model else "") + f"seed={seed}").encode()).hexdigest()[:16]
     if cache.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.pop("key", None) == key:
@@ -123,7 +123,7 @@ def policy_pairs(stage: RewardModel, pairs: list[dict], artifacts: dict[str, str
     prompts = [encode_prompt(tok, r["prompt"]) for r in recs]
     pool = RolloutPool(ps.rollout, policy, name=f"{stage.name}/samples")
     try:
-        samples = pool.generate(prompts, ps.rollout.sampling)
+        samples = pool.generate(prompts, ps.rollout.sampling, key=(seed,))  # the pipeline seed's own streams
     finally:
         pool.shutdown()
     texts: list[list[str]] = [[] for _ in recs]
@@ -174,7 +174,7 @@ def run_reward(stage: RewardModel, out_dir: Path, seed: int = 0, artifacts: dict
     pairs = load_pairs(d, seed)
     sampled = {}
     if stage.policy_samples is not None:
-        extra, sampled = policy_pairs(stage, pairs, artifacts or {}, tok, out_dir, say)
+        extra, sampled = policy_pairs(stage, pairs, artifacts or {}, tok, out_dir, say, seed)
         pairs = pairs + extra
     train_pairs, held_pairs = split_pairs(pairs, d.eval_fraction, seed)
     tokenized = [tokenize_pair(tok, p, d.max_length) for p in train_pairs]

@@ -1,6 +1,7 @@
 """Whole SFT pipelines on the local Ray cluster: the loss goes down on the packed, deduplicated
-stream, the output loads in transformers, stages are skipped on rerun, an interrupted run resumes
-from its checkpoint at the exact data position, and a dataset prepared beforehand can be used."""
+stream, the output loads in transformers, stages are skipped on rerun, a run whose driver crashed
+mid-stage resumes from its checkpoint at the exact data position, and a dataset prepared
+beforehand can be used."""
 import json
 import os
 import subprocess
@@ -30,8 +31,16 @@ def test_sft_loss_goes_down_and_model_loads(ray_cluster, tmp_path):
     assert s["eval_loss_final"] < 0.6 * s["eval_loss_initial"], s
     # Trained on packed rows of the deduplicated, decontaminated training split.
     stats = json.loads((tmp_path / "sft" / "data" / "stats.json").read_text())
-    assert stats["balanced"] and stats["exact_duplicate"] > 0 and stats["rows"] == s["train_rows"] == s["rows"]
+    assert stats["balanced"] and stats["rows"] == s["train_rows"] == s["rows"]
     assert stats["records_in"] == 1200 - s["eval_rows"] and stats["padding_share"] < 0.1
+    # An arithmetic example's text is its prompt and a response that restates it: the exact
+    # duplicates are the training records whose prompt came up before.
+    from rayllm.datasets.sft import load_records, split
+
+    d = pipe.stage("sft").data
+    train, _ = split(load_records(d, pipe.seed), d.eval_fraction, pipe.seed)
+    assert len(train) == stats["records_in"]
+    assert stats["exact_duplicate"] == len(train) - len({r["prompt"] for r in train}) > 0
     steps = [m for m in _metrics(tmp_path) if "loss" in m]
     assert len(steps) == s["steps"] == 2 * (s["train_rows"] // 8)
     assert sum(m["loss"] for m in steps[-3:]) < sum(m["loss"] for m in steps[:3])
@@ -45,7 +54,10 @@ def test_sft_loss_goes_down_and_model_loads(ray_cluster, tmp_path):
     assert len(_metrics(tmp_path)) == lines  # no step ran again
 
 
-def test_interrupted_run_resumes_without_repeating_steps_or_rows(ray_cluster, tmp_path, monkeypatch):
+def test_driver_crash_mid_run_resumes_without_repeating_steps_or_rows(ray_cluster, tmp_path, monkeypatch):
+    """The driver raises at step 7 (in its call to ModelGroup.train_step; no rank process dies)
+    after a checkpoint at step 6: the rerun does steps 7 and 8 once, on the rows an uncrashed run
+    would have fed them."""
     from rayllm.group import ModelGroup
 
     pipe = load_pipeline(ROOT / "pipelines/sft_tiny.py",
@@ -54,16 +66,16 @@ def test_interrupted_run_resumes_without_repeating_steps_or_rows(ray_cluster, tm
     calls = {"n": 0}
     fed = []  # the row ids of every step that ran, in order
 
-    def dies_at_step_7(self, rows, **kw):
+    def driver_raises_at_step_7(self, rows, **kw):
         calls["n"] += 1
         if calls["n"] == 7:
-            raise RuntimeError("worker lost")
+            raise RuntimeError("driver crash (injected)")
         out = real(self, rows, **kw)
         fed.append(rows.ids)
         return out
 
-    monkeypatch.setattr(ModelGroup, "train_step", dies_at_step_7)
-    with pytest.raises(RuntimeError, match="worker lost"):
+    monkeypatch.setattr(ModelGroup, "train_step", driver_raises_at_step_7)
+    with pytest.raises(RuntimeError, match=r"driver crash \(injected\)"):
         run_pipeline(pipe, progress=False)
     assert (tmp_path / "sft" / "checkpoints" / "latest").read_text() == "step6"
     prepared_at = (tmp_path / "sft" / "data" / "stats.json").stat().st_mtime_ns
@@ -72,7 +84,7 @@ def test_interrupted_run_resumes_without_repeating_steps_or_rows(ray_cluster, tm
     steps = [m["step"] for m in _metrics(tmp_path) if "loss" in m]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # 7 and 8 once, after resuming from step 6
     assert (tmp_path / "sft" / "data" / "stats.json").stat().st_mtime_ns == prepared_at  # data reused
-    # The resumed run fed steps 7 and 8 the rows an uninterrupted run would have: no row repeated
+    # The resumed run fed steps 7 and 8 the rows an uncrashed run would have: no row repeated
     # or skipped (an epoch here is longer than 8 steps).
     assert len(fed) == 6 + 2
     rows = [i for ids in fed for i in ids]

@@ -42,7 +42,8 @@ def test_world_size_invariance(stage, tiny_path, random_rows):
             assert abs(s["local"] / full - 0.5) < 0.01
 
 
-def test_checkpoint_resume_gives_identical_next_step(tiny_path, random_rows, tmp_path):
+def test_checkpoint_resume_and_reforming_the_group_on_the_same_actors_give_identical_next_step(
+        tiny_path, random_rows, tmp_path):
     rows_a, rows_b = random_rows(8, seed=1), random_rows(8, seed=2)
     cfg = GroupConfig(num_ranks=2, zero_stage=2, micro_batch_size=4)
     g = ModelGroup("policy", cfg, tiny_path)
@@ -59,8 +60,8 @@ def test_checkpoint_resume_gives_identical_next_step(tiny_path, random_rows, tmp
     assert g.train_step(rows_b)["loss"] == pytest.approx(expected, abs=1e-6)
     assert g.train_step(rows_b)["loss"] == pytest.approx(expected_after, abs=1e-6)  # optimizer state restored
 
-    # Re-forming the process group on the same actors (what elastic resizing does) and
-    # restoring from the snapshot gives the same step again.
+    # Re-forming the process group at the same size on the same actors (no rank joins or leaves:
+    # not a resize) and restoring from the snapshot gives the same step again.
     g.setup()
     g.load_checkpoint(tmp_path / "ckpt")
     assert g.train_step(rows_b)["loss"] == pytest.approx(expected, abs=1e-6)

@@ -60,7 +60,7 @@ def test_ppo_iteration_trains_policy_and_critic_only(tmp_path, tiny_path):
         assert t.groups["critic"].placement is t.groups["reward"].placement
         assert t.groups["policy"].placement is not t.groups["critic"].placement
         before = {r: _snapshot(g) for r, g in t.groups.items()}
-        exp = t.make_experience(t.next_prompts())
+        exp = t.make_experience(t.next_prompts(), 1)
         m = exp["metrics"]
         assert exp["n"] == 16 and len(exp["critic_rows"]) == 16
         # The first batch is sampled from the reference itself: KL 0, and the engine's log-probs
@@ -74,15 +74,17 @@ def test_ppo_iteration_trains_policy_and_critic_only(tmp_path, tiny_path):
         assert not _changed(before["policy"], warm["policy"]) and _changed(before["critic"], warm["critic"])
         stats = t.train(exp)
         assert all(np.isfinite(v) for v in stats.values())
-        assert stats["value_loss"] > 0 and 0 <= stats["clipfrac"] <= 1
+        # 2 epochs x 2 mini-batches: the first update's ratio is exactly 1 (the policy has not moved
+        # since it computed the old log-probs), so nothing is clipped in 1 of the 4 updates.
+        assert stats["value_loss"] > 0 and stats["clipfrac"] <= 0.75
         after = {r: _snapshot(g) for r, g in t.groups.items()}
         assert _changed(before["policy"], after["policy"]) and _changed(warm["critic"], after["critic"])
         assert not _changed(before["reference"], after["reference"])
         assert not _changed(before["reward"], after["reward"])
         sync = t.sync()
-        assert sync["sync_max_gap"] < 1e-4
+        assert sync["sync_mean_gap"] < 1e-5 and sync["sync_max_gap"] < 1e-4 and sync["sync_attempts"] == 1
         # Sampled from the updated policy now: it has moved away from the reference.
-        assert t.make_experience(t.next_prompts())["metrics"]["kl"] != 0.0
+        assert t.make_experience(t.next_prompts(), 2)["metrics"]["kl"] != 0.0
     finally:
         t.shutdown()
 
@@ -98,13 +100,14 @@ def test_critic_free_estimators_train_without_a_critic(tmp_path, tiny_path, adva
     try:
         assert set(t.groups) == {"policy", "reference"}
         before = _snapshot(t.groups["policy"])
-        exp = t.make_experience(t.next_prompts())
+        exp = t.make_experience(t.next_prompts(), 1)
         assert exp["critic_rows"] == []
         stats = t.train(exp)
         assert "value_loss" not in stats and np.isfinite(stats["policy_loss"])
         assert _changed(before, _snapshot(t.groups["policy"]))
         ev = t.evaluate()
-        assert 0.0 <= ev["eval_ground_truth"] <= 1.0 and len(ev["eval_examples"]) == 4
+        # One step from a random init does not teach arithmetic: no held-out prompt answered right.
+        assert ev["eval_ground_truth"] == 0.0 and len(ev["eval_examples"]) == 4
     finally:
         t.shutdown()
 
@@ -124,7 +127,7 @@ def test_engine_log_probs_as_behaviour_policy(tmp_path, tiny_path):
         samples = []
         real_gen = t.pool.generate
         t.pool.generate = lambda *a, **k: samples.extend(real_gen(*a, **k)) or samples
-        exp = t.make_experience(t.next_prompts())
+        exp = t.make_experience(t.next_prompts(), 1)
         assert calls == [] and "engine_trainer_logprob_gap" not in exp["metrics"]
         for x, row in zip(samples, exp["policy_rows"]):
             assert row["old_logprobs"][len(x.prompt_ids) - 1:] == pytest.approx(x.logprobs, abs=1e-6)
@@ -151,11 +154,12 @@ def test_missing_inputs_are_named(tmp_path, tiny_path):
         PPOTrainer(_stage(reward_fn="nope:fn"), tmp_path, 0, {"sft": str(tiny_path)})
 
 
-def test_interrupted_ppo_resumes_at_its_checkpoint(tmp_path, tiny_path, monkeypatch):
-    """Killed in iteration 4 with a checkpoint after iteration 2 (iteration 1 is the critic's
-    warm-up): the rerun does iterations 3 and 4 once more, and its iteration 3 is the one the
-    first run had (same prompts, samples, shuffles, KL coefficient and reward statistics, same
-    policy and critic in the engine and the groups), so nothing but time is lost."""
+def test_driver_crash_mid_ppo_resumes_at_its_checkpoint(tmp_path, tiny_path, monkeypatch):
+    """The driver raises in iteration 4 (in its call to PPOTrainer.train; no rank or engine
+    process dies) with a checkpoint after iteration 2 (iteration 1 is the critic's warm-up): the
+    rerun does iterations 3 and 4 once more, and its iteration 3 is the one the first run had
+    (same prompts, samples, shuffles, KL coefficient and reward statistics, same policy and critic
+    in the engine and the groups), so nothing but time is lost."""
     from rayllm.trainer.ppo import run_ppo
 
     stage = _stage(reward_model=ModelConfig(tiny="tiny-1m", seed=1),
@@ -164,15 +168,15 @@ def test_interrupted_ppo_resumes_at_its_checkpoint(tmp_path, tiny_path, monkeypa
                    train=PPOTrainConfig(iterations=4, rollout_batch_size=4, checkpoint_every=2, critic_warmup=1))
     real, calls = PPOTrainer.train, {"n": 0}
 
-    def dies_in_iteration_4(self, exp, **kw):
+    def driver_raises_in_iteration_4(self, exp, **kw):
         calls["n"] += 1
         if calls["n"] == 4:
-            raise RuntimeError("worker lost")
+            raise RuntimeError("driver crash (injected)")
         return real(self, exp, **kw)
 
-    monkeypatch.setattr(PPOTrainer, "train", dies_in_iteration_4)
+    monkeypatch.setattr(PPOTrainer, "train", driver_raises_in_iteration_4)
     out, arts = tmp_path / "ppo", {"sft": str(tiny_path)}
-    with pytest.raises(RuntimeError, match="worker lost"):
+    with pytest.raises(RuntimeError, match=r"driver crash \(injected\)"):
         run_ppo(stage, out, 0, arts, progress=False)
     first = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in first if "reward" in m] == [1, 2, 3]

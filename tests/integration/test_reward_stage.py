@@ -39,14 +39,17 @@ def test_pairwise_loss_direction_memorizes_four_pairs(reward_init, tokenizer, tm
                       optimizer={"lr": 1e-3, "scheduler": "constant"})
     g = ModelGroup("rm/reward", cfg, reward_init, kind="reward", pad_id=tokenizer.pad_token_id)
     try:
-        steps = [g.train_step(rows, loss="pairwise", global_count=4) for _ in range(20)]
+        steps = [g.train_step(rows, loss="pairwise", global_count=4) for _ in range(19)]
+        before_last = torch.tensor(g.scores(rows))
+        steps.append(g.train_step(rows, loss="pairwise", global_count=4))
         scores = g.scores(rows)
         g.save_hf(tmp_path / "rm")
     finally:
         g.shutdown()
     assert all(m["tokens"] == 4 for m in steps)  # the pairwise loss counts pairs
     assert steps[-1]["accuracy"] == 1.0 and steps[-1]["loss"] < 0.5 * steps[0]["loss"], steps[-1]
-    assert steps[-1]["margin"] > 0
+    # A step reports the mean margin of the scores it starts from: here those taken before step 20.
+    assert steps[-1]["margin"] == pytest.approx(float((before_last[0::2] - before_last[1::2]).mean()), abs=1e-4)
     assert all(c > r for c, r in zip(scores[0::2], scores[1::2])), scores  # chosen above rejected
     # The saved model scores as the group did: the head at each row's last non-pad token.
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
@@ -87,14 +90,13 @@ def test_reward_stage_trains_evaluates_and_saves(tiny_path, tokenizer, tmp_path)
     assert s["stage"] == "rm" and s["num_ranks"] == 2 and s["zero_stage"] == 2
     assert s["train_pairs"] + s["eval_pairs"] == 256 and s["eval_pairs"] > 10
     assert s["steps"] == 3 * (s["train_pairs"] // 16)
-    for key in ("eval_accuracy_initial", "eval_accuracy_final"):
-        assert 0.0 <= s[key] <= 1.0
 
     metrics = [json.loads(line) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
     assert all(m["stage"] == "rm" for m in metrics)
     steps = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in steps] == list(range(1, s["steps"] + 1))
-    assert all(m["pairs"] == 16 and 0.0 <= m["accuracy"] <= 1.0 for m in steps)
+    # A step's accuracy is the share of its 16 pairs ranked right: a whole number of sixteenths.
+    assert all(m["pairs"] == 16 and (m["accuracy"] * 16).is_integer() for m in steps), [m["accuracy"] for m in steps]
     first, last = steps[:5], steps[-5:]
     assert sum(m["loss"] for m in last) < sum(m["loss"] for m in first), [m["loss"] for m in steps]
     evals = [m for m in metrics if "eval_accuracy" in m]
@@ -111,6 +113,12 @@ def test_reward_stage_trains_evaluates_and_saves(tiny_path, tokenizer, tmp_path)
     assert len(chosen) == s["eval_pairs"]
     assert float((chosen - rejected).mean()) == pytest.approx(s["eval_margin_final"], abs=1e-4)
     assert float((chosen > rejected).float().mean()) == pytest.approx(s["eval_accuracy_final"], abs=1e-9)
+    # The initial accuracy is that of the model the stage started from (the SFT trunk with a fresh
+    # head, written to rm/init) on the same held-out pairs.
+    init = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "init").eval()
+    init_scores = torch.tensor(_hf_scores(init, rows))
+    assert float((init_scores[0::2] > init_scores[1::2]).float().mean()) == pytest.approx(
+        s["eval_accuracy_initial"], abs=1e-9)
     # Batched with right padding, transformers pools at each row's last non-pad token too.
     few = rows[:6]
     T = max(len(r["input_ids"]) for r in few)
@@ -126,9 +134,10 @@ def test_reward_stage_needs_a_model(tmp_path):
         run_reward(RewardModel(name="rm"), tmp_path, seed=0, artifacts={}, progress=False)
 
 
-def test_interrupted_stage_resumes_at_its_checkpoint(tiny_path, tmp_path, monkeypatch):
-    """Killed at step 5 with a checkpoint at step 3: the rerun does steps 4-6 once more, with the
-    losses an uninterrupted run has, and keeps the accuracy of the model the stage started from."""
+def test_driver_crash_mid_stage_resumes_at_its_checkpoint(tiny_path, tmp_path, monkeypatch):
+    """The driver raises at step 5 (in its call to ModelGroup.train_step; no rank process dies)
+    with a checkpoint at step 3: the rerun does steps 4-6 once more, with the losses an uncrashed
+    run has, and keeps the accuracy of the model the stage started from."""
     stage = RewardModel(
         name="rm", group=GroupConfig(num_ranks=2, zero_stage=2, micro_batch_size=4, cpus_per_rank=0.5),
         data=PreferenceDataConfig(num_examples=64, eval_fraction=0.25),
@@ -136,31 +145,31 @@ def test_interrupted_stage_resumes_at_its_checkpoint(tiny_path, tmp_path, monkey
     )
     real, calls = ModelGroup.train_step, {"n": 0}
 
-    def dies_at_step_5(self, rows, **kw):
+    def driver_raises_at_step_5(self, rows, **kw):
         calls["n"] += 1
         if calls["n"] == 5:
-            raise RuntimeError("worker lost")
+            raise RuntimeError("driver crash (injected)")
         return real(self, rows, **kw)
 
-    monkeypatch.setattr(ModelGroup, "train_step", dies_at_step_5)
+    monkeypatch.setattr(ModelGroup, "train_step", driver_raises_at_step_5)
     out = tmp_path / "rm"
-    with pytest.raises(RuntimeError, match="worker lost"):
+    with pytest.raises(RuntimeError, match=r"driver crash \(injected\)"):
         run_reward(stage, out, seed=0, artifacts={"sft": str(tiny_path)}, progress=False)
     assert (out / "checkpoints" / "latest").read_text() == "step3"
     first = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     s = run_reward(stage, out, seed=0, artifacts={"sft": str(tiny_path)}, progress=False)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [m["step"] for m in metrics if "loss" in m]
-    assert steps == [1, 2, 3, 4, 4, 5, 6]  # step 4 ran before the failure, then again
+    assert steps == [1, 2, 3, 4, 4, 5, 6]  # step 4 ran before the crash, then again
     resumed_4 = next(m for m in metrics[len(first):] if m.get("step") == 4)
     assert resumed_4["loss"] == pytest.approx(first[-1]["loss"], abs=1e-6)  # same pairs, same state
     assert s["eval_accuracy_initial"] == first[0]["eval_accuracy"]
     assert (out / "model" / "config.json").is_file()
 
 
-def test_policy_samples_add_the_policys_own_mistakes(tiny_path, tmp_path, monkeypatch):
-    """policy_samples: the starting policy (here the untrained tiny model, so nearly every sample
-    is wrong) answers the pairs' prompts; its wrong answers, labelled by the task's checker,
+def test_policy_samples_add_the_policys_own_mistakes(tiny_path, tokenizer, tmp_path, monkeypatch):
+    """policy_samples: the starting policy (here the untrained tiny model, so every sample is
+    wrong) answers the pairs' prompts; its wrong answers, labelled by the task's checker,
     join the pairs as rejected responses (held-out accuracy reported on them alone), and a
     rerun reuses the written pairs without sampling again."""
     from rayllm.config import PolicySamplesConfig, RolloutConfig, SamplingConfig
@@ -178,15 +187,26 @@ def test_policy_samples_add_the_policys_own_mistakes(tiny_path, tmp_path, monkey
     out = tmp_path / "rm"
     s = run_reward(stage, out, seed=0, artifacts={"sft": str(tiny_path)}, progress=False)
     pairs = read_jsonl(out / "policy_pairs.jsonl")
-    assert s["policy_pairs"] == len(pairs) > 24  # 24 prompts, up to 2 distinct wrong answers each
-    assert 0.0 <= s["policy_sample_accuracy"] < 0.5
+    # An untrained model never sorts right: all 3 samples of each of the 24 prompts are wrong (and
+    # distinct, drawn at temperature 1), so each prompt gives max_pairs_per_prompt = 2 pairs.
+    assert s["policy_sample_accuracy"] == 0.0
+    assert s["policy_pairs"] == len(pairs) == 24 * 2
     by_prompt = {}
     for p in pairs:
         assert p["origin"] == "policy" and sort_score(p["chosen"], p) == 1.0 and sort_score(p["rejected"], p) == 0.0
         by_prompt.setdefault(p["prompt"], []).append(p["rejected"])
-    assert all(len(v) == len(set(v)) <= 2 for v in by_prompt.values())
+    assert len(by_prompt) == 24 and all(len(v) == len(set(v)) == 2 for v in by_prompt.values())
     assert s["train_pairs"] + s["eval_pairs"] == 64 + len(pairs)
-    assert 0.0 <= s["eval_accuracy_policy_pairs_final"] <= 1.0
+    # The on-policy accuracy is the saved model's, on the held-out pairs that came from the policy.
+    from transformers import AutoModelForSequenceClassification
+
+    _, held = split_pairs(load_pairs(stage.data, 0) + pairs, stage.data.eval_fraction, 0)
+    rows = flatten_pairs([tokenize_pair(tokenizer, p, stage.data.max_length) for p in held
+                          if p.get("origin") == "policy"])
+    assert rows
+    scores = torch.tensor(_hf_scores(AutoModelForSequenceClassification.from_pretrained(out / "model").eval(), rows))
+    assert float((scores[0::2] > scores[1::2]).float().mean()) == pytest.approx(
+        s["eval_accuracy_policy_pairs_final"], abs=1e-9)
 
     class NoSampling:
         def __init__(self, *a, **k):

@@ -18,6 +18,12 @@ def test_defaults_validate():
     assert p.out_dir == Path("runs/x")
 
 
+def test_unknown_stage_name_raises_key_error_listing_the_stage_names():
+    p = Pipeline(name="x", stages=[SFT(), PPO(name="ppo")])
+    with pytest.raises(KeyError, match=r"pipeline 'x' has no stage 'rm'; its stages: \['sft', 'ppo'\]"):
+        p.stage("rm")
+
+
 @pytest.mark.parametrize(
     "override, field",
     [

@@ -4,6 +4,8 @@ import json
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 from rayllm.data.clean import content_hash, length_ok, normalize
 from rayllm.data.records import Fields, parse_file, parse_jsonl
 
@@ -25,10 +27,24 @@ def test_every_bad_line_is_quarantined_with_file_line_and_reason():
     assert reasons[3] == "missing field(s) ['text']"
     assert reasons[4] == "empty document"
     assert reasons[5].startswith("over-long record")
-    assert reasons[6].startswith("not an object")
+    assert reasons[6] == "expected a JSON object with field(s) 'text', got an array"
     assert reasons[7].startswith("not UTF-8")
     assert all(q["_source"] == "corpus.jsonl" for q in out.quarantined)
     assert len(out.records) + len(out.quarantined) == 7  # nothing silently dropped
+
+
+@pytest.mark.parametrize("kind, fields, expected", [
+    ("text", {}, "field(s) 'text'"),
+    ("sft", {"prompt": "q", "response": "a"}, "field 'messages' or fields 'q' and 'a'"),
+    ("preference", {}, "field(s) 'prompt', 'chosen', 'rejected'"),
+    ("prompt", {"prompt": "q"}, "field(s) 'q'"),
+])
+def test_json_lines_that_are_not_objects_are_quarantined_naming_the_expected_fields(kind, fields, expected):
+    out = parse_jsonl("c.jsonl", b'[1, 2]\n3\n"x"\nnull\n', Fields(kind=kind, **fields))
+    assert out.records == []
+    assert [(q["_line"], q["reason"]) for q in out.quarantined] == [
+        (i, f"expected a JSON object with {expected}, got {got}")
+        for i, got in enumerate(["an array", "a number", "a string", "null"], 1)]
 
 
 def test_record_kinds_map_their_fields():

@@ -87,7 +87,11 @@ def test_jsonl_source_maps_fields_and_keeps_extras(tmp_path):
     ("{not json", r"prefs.jsonl:2: not valid JSON"),
     (json.dumps({"prompt": "p", "chosen": "c"}), r"prefs.jsonl:2: missing field 'rejected'"),
     (json.dumps({"prompt": "p", "chosen": 3, "rejected": "r"}), r"prefs.jsonl:2: field 'chosen' \(chosen\) must be a string, got int"),
-    (json.dumps(["p", "c", "r"]), r"prefs.jsonl:2: a record must be a JSON object"),
+    (json.dumps(["p", "c", "r"]), r"prefs.jsonl:2: expected a JSON object with string fields 'prompt', "
+                                  r"'chosen', 'rejected', got an array$"),
+    ("3", r"prefs.jsonl:2: expected a JSON object with .*, got a number$"),
+    ('"x"', r"prefs.jsonl:2: expected a JSON object with .*, got a string$"),
+    ("null", r"prefs.jsonl:2: expected a JSON object with .*, got null$"),
 ])
 def test_jsonl_errors_name_file_line_and_field(tmp_path, line, match):
     f = tmp_path / "prefs.jsonl"
@@ -102,7 +106,7 @@ def test_jsonl_renamed_field_is_named(tmp_path):
     with pytest.raises(DataError, match=r"prefs.jsonl:1: missing field 'better' \(chosen\)"):
         load_pairs(PreferenceDataConfig(source=str(f), chosen_field="better"))
     f.write_bytes(b'{"prompt": "\xff"}\n')
-    with pytest.raises(DataError, match="not UTF-8"):
+    with pytest.raises(DataError, match=r"prefs.jsonl:1: not UTF-8"):
         load_pairs(PreferenceDataConfig(source=str(f)))
     f.write_text("\n")
     with pytest.raises(DataError, match="no records"):

@@ -44,9 +44,20 @@ def test_bad_records_are_named(tmp_path):
     f.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n{not json\n")
     with pytest.raises(DataError, match=r"d.jsonl:2: not valid JSON"):
         load_records(SFTDataConfig(source=str(f)))
-    f.write_bytes(b'{"prompt": "\xff\xfe"}\n')
-    with pytest.raises(DataError, match="not UTF-8"):
+    f.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "\xff\xfe"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: not UTF-8"):
         load_records(SFTDataConfig(source=str(f)))
+
+
+@pytest.mark.parametrize("line, got", [("[1, 2]", "an array"), ("3", "a number"), ('"x"', "a string"),
+                                       ("null", "null")])
+def test_jsonl_line_that_is_not_an_object_names_file_line_and_expected_fields(tmp_path, line, got):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"q": "a", "a": "b"}) + "\n" + line + "\n")
+    cfg = SFTDataConfig(source=str(f), prompt_field="q", response_field="a")
+    with pytest.raises(DataError, match=rf"d.jsonl:2: expected a JSON object with field 'messages' or fields "
+                                        rf"'q' and 'a', got {got}$"):
+        load_records(cfg)
 
 
 def test_jsonl_source_and_split(tmp_path):

@@ -75,6 +75,15 @@ def test_eval_prompts_never_among_training_prompts(tmp_path):
         load_prompts(PromptDataConfig(source=str(f), prompt_field="q", eval_prompts=0))
 
 
+@pytest.mark.parametrize("line, got", [("[1, 2]", "an array"), ("3", "a number"), ('"x"', "a string"),
+                                       ("null", "null")])
+def test_prompt_line_that_is_not_an_object_names_file_line_and_expected_field(tmp_path, line, got):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"q": "fine"}\n' + line + "\n")
+    with pytest.raises(DataError, match=rf"p.jsonl:2: expected a JSON object with string field 'q', got {got}$"):
+        load_prompts(PromptDataConfig(source=str(f), prompt_field="q", eval_prompts=0))
+
+
 def test_reward_model_and_policy_see_one_token_layout(tokenizer):
     # A response the policy generates (ending in EOS) is what the reward model was trained on.
     p, r = encode_prompt(tokenizer, "Sort: 3 1 2"), encode_response(tokenizer, "1 2 3")
