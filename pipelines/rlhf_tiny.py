@@ -18,7 +18,7 @@ model:
 
 Distinct digits (`sort_unique`), because on `sort` (repeats allowed) the 6.8M reward model could
 not tell a miscount ("3 4 7 7 8 9 9" for "3 4 7 7 7 8 9") from the truth and PPO moved its
-greedy answers there (README, "How the demo got here").
+greedy answers there (docs/demo.md, "How the demo got here").
 
     rayllm run pipelines/rlhf_tiny.py             # or: python pipelines/rlhf_tiny.py
     rayllm run pipelines/rlhf_tiny.py --set ppo.algo.advantage=grpo --set ppo.algo.kl_coef=0.05

@@ -183,9 +183,13 @@ class RankEngine:
             model=self.model, model_parameters=params if trainable else None, optimizer=optimizer,
             lr_scheduler=scheduler, config=self.ds_config,
         )
-        # rayllm's DeepSpeed config selects no other checkpoint engine (writer, datastates).
-        assert type(self.engine.checkpoint_engine) is TorchCheckpointEngine, type(self.engine.checkpoint_engine)
-        self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine(self.engine._config)
+        # rayllm's DeepSpeed config selects no other checkpoint engine (writer, datastates). A
+        # frozen ZeRO-3 group has none at all (DeepSpeed skips checkpointing for its
+        # parameter-offload wrapper), and is never checkpointed.
+        ckpt_engine = getattr(self.engine, "checkpoint_engine", None)
+        assert ckpt_engine is None or type(ckpt_engine) is TorchCheckpointEngine, type(ckpt_engine)
+        if ckpt_engine is not None:
+            self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine(self.engine._config)
         # Over one rank at ZeRO-0 there is nothing to reduce, but DeepSpeed would still flatten
         # every gradient into buckets, all-reduce them with itself and copy them back each step.
         if self._own_grads or (cfg.zero_stage == 0 and self.world_size == 1):

@@ -87,7 +87,7 @@ def test_a_changed_stage_invalidates_every_later_stage():
 @pytest.mark.slow
 def test_demo_raises_the_ground_truth_score(ray_cluster, tmp_path):
     """The README's demo, whole: PPO must beat the SFT policy on held-out prompts. Three seeds
-    (README) gave sampled +0.34 to +0.38 and greedy -0.03 to +0.00 (the SFT policy's greedy
+    (docs/demo.md) gave sampled +0.34 to +0.38 and greedy -0.03 to +0.00 (the SFT policy's greedy
     answers are right 0.97 to 1.00 of the time already, so greedy can only hold)."""
     pipe = load_pipeline(ROOT / "pipelines/rlhf_tiny.py", [f"run_dir={tmp_path}"])
     sft, rm, ppo = run_pipeline(pipe, progress=False)["stages"]
