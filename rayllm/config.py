@@ -64,6 +64,41 @@ class PrecisionConfig(Strict):
     min_loss_scale: float = Field(1.0, gt=0)
 
 
+class ElasticConfig(Strict):
+    """How a group meets a dead, hung or failing rank (docs/elasticity.md)."""
+
+    enabled: bool = True  # off: a rank's failure is raised to the caller, as before elasticity
+    # A call is late past hang_factor x the median of its last attempts + hang_grace_s
+    # (call_timeout_s until `min_samples` attempts have been timed); a late rank that does not
+    # answer a ping within ping_timeout_s is evicted (killed).
+    hang_factor: float = Field(10.0, ge=1)
+    hang_grace_s: float = Field(30.0, ge=0)
+    min_samples: int = Field(3, ge=1)
+    ping_timeout_s: float = Field(5.0, gt=0)
+    # After a fault, how long survivors have to give up their failed collectives before they too
+    # are evicted.
+    abort_timeout_s: float = Field(15.0, gt=0)
+    # How long ranks wait for each other while a group (re-)forms: a rank lost then holds the others
+    # this long, not the collective timeout.
+    rendezvous_timeout_s: float = Field(30.0, gt=0)
+    replace: bool = True  # start a new rank in the background for each one lost; it joins at a step boundary
+    max_retries: int = Field(3, ge=0)  # attempts of one call after the first, before its error is raised
+
+
+class ChaosFault(Strict):
+    """One injected fault: `kind` done to `rank` (of the membership at the time) `after_s` seconds
+    after the group dispatches optimizer step `step` (1-based) or, with `call` set, the
+    `step`-th call of that forward method (logprobs, values, scores, eval_loss). kill = SIGKILL
+    and hang = SIGSTOP, sent to the rank's process from outside it; raise = the rank raises
+    InjectedFault inside the call."""
+
+    rank: int = Field(ge=0)
+    step: int = Field(ge=1)
+    kind: Literal["kill", "hang", "raise"] = "kill"
+    after_s: float = Field(0.0, ge=0)
+    call: str = "train_step"
+
+
 class GroupConfig(Strict):
     """One model role hosted by `num_ranks` Ray actors, one DeepSpeed rank each."""
 
@@ -84,6 +119,9 @@ class GroupConfig(Strict):
     # Deadline of every driver-side wait on this group's ranks (a step, a forward, a checkpoint):
     # past it a CallTimeout names the group, the call and the ranks that did not answer.
     call_timeout_s: float = Field(3600.0, gt=0)
+    elastic: ElasticConfig = ElasticConfig()
+    # Faults to inject (tests, game days; docs/elasticity.md). RAYLLM_CHAOS adds to these.
+    chaos: list[ChaosFault] = []
 
     @model_validator(mode="after")
     def _offload_needs_zero(self):
@@ -176,7 +214,8 @@ class TrainConfig(Strict):
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)
     eval_every: int = Field(0, ge=0)  # steps; 0 = only at the end
-    checkpoint_every: int = Field(0, ge=0)  # steps; 0 = no mid-run DeepSpeed checkpoints
+    checkpoint_every: int = Field(0, ge=0)  # steps; 0 = no mid-run checkpoints
+    keep_last: int | None = Field(None, ge=1)  # checkpoints kept (None: all)
 
 
 class SamplingConfig(Strict):
@@ -226,6 +265,13 @@ class RolloutConfig(Strict):
     # Deadline of every other driver-side wait on an engine (a chunk's generation, a weight load,
     # a probe): past it the call fails with an error naming the engine and the call.
     call_timeout_s: float = Field(1800, gt=0)
+    # Faults to inject into engines (docs/elasticity.md): `rank` is the engine index, `call` one of
+    # "generate" (the step-th generate call), "push" (the step-th weight push) or "verify" (its
+    # verification); kind kill or hang. RAYLLM_CHAOS adds to these under the pool's name.
+    # A generate chunk is late past elastic.hang_factor x the median chunk time + hang_grace_s (or
+    # call_timeout_s); a late engine that does not answer a ping is killed, its chunks requeued.
+    elastic: ElasticConfig = ElasticConfig()
+    chaos: list[ChaosFault] = []
 
     @property
     def mean_tolerance(self) -> float:
@@ -377,6 +423,7 @@ class PPOTrainConfig(Strict):
     # Iterations between checkpoints of the policy, the critic and the loop's own state; a rerun
     # of the stage resumes after the last one. 0: none.
     checkpoint_every: int = Field(0, ge=0)
+    keep_last: int | None = Field(None, ge=1)  # checkpoints kept (None: all)
 
 
 def _frozen_group() -> GroupConfig:

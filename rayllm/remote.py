@@ -33,6 +33,8 @@ def gather(refs: list, timeout_s: float | None = DEFAULT_CALL_TIMEOUT_S, what: s
     while pending:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         done, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if not done and deadline is not None and time.monotonic() < deadline:
+            continue  # ray.wait may return a little before its timeout
         if not done:
             late = ", ".join(names[index[r]] for r in pending)
             raise CallTimeout(f"{what}: no answer within {timeout_s:g} s from {late} "

@@ -20,10 +20,6 @@ import deepspeed  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine  # noqa: E402
-from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: E402
-from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
-from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 
 from rayllm.algorithms import sft_loss  # noqa: E402
 from rayllm.group.losses import LOSSES  # noqa: E402
@@ -53,38 +49,40 @@ class ModelDoesNotFit(RuntimeError):
     """The model's states exceed a rank's memory in the given configuration."""
 
 
-class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch.save/torch.load checkpoint engine, but loading with weights_only=True
-    (DeepSpeed's own loads with weights_only=False, which runs whatever code a pickle names).
-    Besides tensors and containers, the ZeRO optimizer states hold four DeepSpeed classes of plain
-    data; they are allowed by name, and are rebuilt without running code of theirs."""
-
-    SAFE_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-    def load(self, path: str, map_location=None):
-        with torch.serialization.safe_globals(self.SAFE_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
-
-
 def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int, local_rank: int,
-                       local_size: int, timeout_s: float = 300.0) -> None:
+                       local_size: int, timeout_s: float = 300.0, rendezvous_timeout_s: float | None = None) -> None:
     """Join (or re-join) the group. Re-runnable: an existing group is torn down first, so a
-    later elastic resize can call this again with a new world size and master."""
+    later elastic resize can call this again with a new world size and master.
+
+    `rendezvous_timeout_s` bounds the wait for the other ranks to join (a rank that dies while
+    the group forms would otherwise hold the rest for the whole collective timeout); collectives
+    then get `timeout_s`."""
     on_gpu = torch.cuda.is_available()
     if dist.is_initialized():  # the old group's master names its shm files: read it before it is replaced
         old = (os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""))
         _forget_process_groups()
         release_shm(*old)
+    # LOCAL_SIZE=1 keeps DeepSpeed's CPU shared-memory all-reduce off: it is set up once per process
+    # (shm_initialize returns early after that), so after a re-formation a new rank would spin
+    # forever waiting for files its surviving peers never create. Only DeepSpeed's
+    # inference_all_reduce uses it; training's collectives run on gloo. rayllm's own count of
+    # ranks per node is RAYLLM_LOCAL_SIZE (docs/elasticity.md).
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
-        LOCAL_RANK=str(0 if on_gpu else local_rank), LOCAL_SIZE=str(local_size),
+        LOCAL_RANK=str(0 if on_gpu else local_rank), LOCAL_SIZE=str(local_size if on_gpu else 1),
+        RAYLLM_LOCAL_SIZE=str(local_size),
     )
     if on_gpu:
         torch.cuda.set_device(0)  # Ray shows each rank only its own GPU
     deepspeed.init_distributed(
         dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False, rank=rank, world_size=world_size,
-        init_method=f"tcp://{master_addr}:{master_port}", timeout=timedelta(seconds=timeout_s),
+        init_method=f"tcp://{master_addr}:{master_port}",
+        timeout=timedelta(seconds=rendezvous_timeout_s or timeout_s),
     )
+    if rendezvous_timeout_s and rendezvous_timeout_s != timeout_s:
+        from torch.distributed.distributed_c10d import _set_pg_timeout  # no public setter in torch 2.13
+
+        _set_pg_timeout(timedelta(seconds=timeout_s))
 
 
 def close_process_group() -> None:
@@ -111,6 +109,23 @@ def _forget_process_groups() -> None:
             setattr(groups, name, {} if isinstance(value, dict) else None)
     groups.mesh_device = None
     groups.mpu = None
+
+
+def _reset_zero3_counters() -> None:
+    """ZeRO-3 numbers parameters (ds_id) and counts persisted ones in class attributes of
+    zero.Init, and numbers modules in the mutable default argument of
+    DeepSpeedZeRoOffload._register_deepspeed_module: per process, never reset. A rank that rebuilds
+    its engine after a re-formation would number them on from its last engine while a fresh
+    replacement starts at 0, and ZeRO-3's cross-rank check of which parameters and modules to
+    fetch fails ("disagreement on list contents")."""
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    Init.param_id = 0
+    Init.num_persisted_parameters = 0
+    Init.num_persisted_elements = 0
+    (module_count,) = DeepSpeedZeRoOffload._register_deepspeed_module.__defaults__
+    module_count[0] = 0
 
 
 def lr_scheduler(optimizer, opt_cfg, total_steps: int):
@@ -160,7 +175,7 @@ class RankEngine:
     """
 
     def __init__(self, name: str, model_path: str, kind: str, cfg: GroupConfig, trainable: bool,
-                 total_steps: int = 1000):
+                 total_steps: int = 1000, restore: list | None = None):
         self.name, self.kind, self.cfg, self.trainable = name, kind, cfg, trainable
         self.model_path = str(model_path)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -171,7 +186,10 @@ class RankEngine:
         if cfg.precision.dtype == "fp16":
             _allow_cpu_fp16()
         self._check_fits()
-        self.model = self._build_model()
+        _reset_zero3_counters()
+        # Restoring trainable state from peers' snapshots (rayllm.group.state): every trainable
+        # weight is overwritten, so without LoRA the model is built from its config, reading no weights.
+        self.model = self._build_model(from_config=bool(restore) and trainable and not cfg.lora.enabled)
         self.ds_config = deepspeed_config(cfg, self.world_size, trainable, self.on_gpu)
         self._own_grads = owns_gradients(cfg, trainable)
         optimizer = scheduler = None
@@ -183,18 +201,15 @@ class RankEngine:
             model=self.model, model_parameters=params if trainable else None, optimizer=optimizer,
             lr_scheduler=scheduler, config=self.ds_config,
         )
-        # rayllm's DeepSpeed config selects no other checkpoint engine (writer, datastates). A
-        # frozen ZeRO-3 group has none at all (DeepSpeed skips checkpointing for its
-        # parameter-offload wrapper), and is never checkpointed.
-        ckpt_engine = getattr(self.engine, "checkpoint_engine", None)
-        assert ckpt_engine is None or type(ckpt_engine) is TorchCheckpointEngine, type(ckpt_engine)
-        if ckpt_engine is not None:
-            self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine(self.engine._config)
         # Over one rank at ZeRO-0 there is nothing to reduce, but DeepSpeed would still flatten
         # every gradient into buckets, all-reduce them with itself and copy them back each step.
         if self._own_grads or (cfg.zero_stage == 0 and self.world_size == 1):
             self.engine.enable_backward_allreduce = False
         self.step_count = 0
+        if restore and trainable:
+            from rayllm.group.state import restore as restore_state
+
+            self.step_count = restore_state(self.engine, restore)
 
     # ---- construction -------------------------------------------------------------------------
     def _check_fits(self) -> None:
@@ -202,7 +217,7 @@ class RankEngine:
 
         n = count_parameters(self.model_path, self.kind)
         need = bytes_per_rank(n, self.cfg, self.world_size, self.trainable)
-        local_size = int(os.environ.get("LOCAL_SIZE", "1"))
+        local_size = int(os.environ.get("RAYLLM_LOCAL_SIZE", "1"))
         host_avail = psutil.virtual_memory().available / max(1, local_size)
         if self.on_gpu:
             dev_avail = torch.cuda.mem_get_info()[0]
@@ -220,12 +235,17 @@ class RankEngine:
                     "add ranks, enable offload, or use a smaller model."
                 )
 
-    def _build_model(self):
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    def _build_model(self, from_config: bool = False):
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
         cls = AutoModelForCausalLM if self.kind == "causal_lm" else AutoModelForSequenceClassification
-        # safetensors only: a pytorch_model.bin is a pickle (docs/security.md).
-        model = cls.from_pretrained(self.model_path, dtype=torch.float32, local_files_only=True, use_safetensors=True)
+        if from_config:
+            config = AutoConfig.from_pretrained(self.model_path, local_files_only=True)
+            model = cls.from_config(config, dtype=torch.float32)
+        else:
+            # safetensors only: a pytorch_model.bin is a pickle (docs/security.md).
+            model = cls.from_pretrained(self.model_path, dtype=torch.float32, local_files_only=True,
+                                        use_safetensors=True)
         if self.cfg.gradient_checkpointing and self.trainable:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -379,6 +399,12 @@ class RankEngine:
         return [self._logits(self._to_device(mb)).float().squeeze(-1).cpu() for mb in micro_batches]
 
     # ---- state --------------------------------------------------------------------------------
+    def snapshot(self):
+        """This rank's trainable state in host RAM (rayllm.group.state); None for a frozen model."""
+        from rayllm.group.state import snapshot
+
+        return snapshot(self.engine, self.step_count) if self.trainable else None
+
     def _base_model(self):
         m = self.engine.module
         return m.get_base_model() if hasattr(m, "get_base_model") else m
@@ -469,18 +495,6 @@ class RankEngine:
                     module.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
                 load_tokenizer(self.model_path).save_pretrained(tmp)
         dist.barrier()
-
-    def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
-        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
-
-    def load_checkpoint(self, directory: str, tag: str) -> None:
-        """Load with weights_only=True (WeightsOnlyCheckpointEngine). The client state goes back
-        to the driver from rayllm.json instead: DeepSpeed's also holds its own bookkeeping, and at
-        ZeRO-0 the whole optimizer state."""
-        path, client_state = self.engine.load_checkpoint(directory, tag=tag)
-        if path is None:
-            raise FileNotFoundError(f"group {self.name!r}: no DeepSpeed checkpoint {tag!r} in {directory}")
-        self.step_count = client_state.get("step", self.step_count)
 
     def param_stats(self) -> dict[str, int]:
         """Parameters this rank holds against the model's total (ZeRO-3 partitions them)."""

@@ -1,8 +1,14 @@
-"""The Ray actor that hosts one rank of a ModelGroup: a thin shell around RankEngine."""
+"""The Ray actor that hosts one rank of a ModelGroup: a thin shell around RankEngine that also
+keeps the rank's snapshots (its own and its neighbour's) for elastic recovery.
+
+`ping` and `pid` run on their own thread (the "control" concurrency group), so the driver can
+tell a rank blocked in a collective (answers) from one whose process is frozen (does not).
+"""
 from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any
 
 import ray
@@ -10,18 +16,42 @@ import ray
 from rayllm.env import apply_worker_env
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"control": 1})
 class ModelWorker:
-    def __init__(self) -> None:
+    def __init__(self, member_id: int = 0) -> None:
         apply_worker_env()
         self.engine = None
+        self.member_id = member_id
+        # (epoch, member id, step) -> snapshot: this rank's own (its member id) and its neighbour's copy
+        self._snapshots: dict[tuple[int, int, int], dict] = {}
+
+    @ray.method(concurrency_group="control")
+    def ping(self) -> int:
+        return os.getpid()
+
+    @ray.method(concurrency_group="control")
+    def pid(self) -> int:
+        """This rank's process id (tests and the chaos hook signal it from outside)."""
+        return os.getpid()
+
+    def ready(self, model_path: str | None = None, kind: str = "causal_lm") -> bool:
+        """Import what a rank needs (DeepSpeed, and the model's transformers classes, built once
+        on the meta device), so a replacement is warm when it joins: a fresh process otherwise
+        spends seconds on imports inside the re-formation."""
+        import torch
+
+        import rayllm.group.engine  # noqa: F401
+
+        if model_path:
+            from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+            cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
+            with torch.device("meta"):
+                cls.from_config(AutoConfig.from_pretrained(model_path, local_files_only=True))
+        return True
 
     def node(self) -> tuple[str, str]:
         return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
-
-    def pid(self) -> int:
-        """This rank's process id (tests freeze a rank with SIGSTOP to make it hang)."""
-        return os.getpid()
 
     def free_port(self) -> int:
         with socket.socket() as s:
@@ -29,26 +59,130 @@ class ModelWorker:
             return s.getsockname()[1]
 
     def setup(self, rank: int, world_size: int, master: tuple[str, int], local: tuple[int, int],
-              name: str, model_path: str, kind: str, cfg_json: str, trainable: bool, total_steps: int) -> None:
+              name: str, model_path: str, kind: str, cfg_json: str, trainable: bool, total_steps: int,
+              restore: list | None = None) -> dict:
+        """(Re)join the group and build the engine; with `restore` (references to the snapshots
+        of every rank of the last committed step), its trainable state comes from them."""
         from rayllm.config import GroupConfig
         from rayllm.group.engine import RankEngine, init_process_group
 
         self.engine = None  # a rebuild drops the old engine before the old group goes
-        init_process_group(rank, world_size, master[0], master[1], local[0], local[1])
+        t = time.perf_counter()
+        snaps = ray.get(restore[0], timeout=600) if restore else None
         cfg = GroupConfig.model_validate_json(cfg_json)
-        self.engine = RankEngine(name, model_path, kind, cfg, trainable, total_steps)
+        init_process_group(rank, world_size, master[0], master[1], local[0], local[1],
+                           rendezvous_timeout_s=cfg.elastic.rendezvous_timeout_s)
+        try:
+            self.engine = RankEngine(name, model_path, kind, cfg, trainable, total_steps, restore=snaps)
+        except BaseException:
+            self._teardown()
+            raise
+        del snaps
+        from rayllm.group.state import is_replicated
+
+        return {"step": self.engine.step_count, "setup_s": time.perf_counter() - t,
+                "replicated": bool(trainable and is_replicated(self.engine.engine))}
 
     def close(self) -> None:
+        self._teardown()
+
+    def _teardown(self) -> None:
+        """Drop the engine and leave the process group. Closing this rank's sockets makes peers
+        still waiting on it in a collective fail at once, instead of at the collective timeout."""
         from rayllm.group.engine import close_process_group
 
         self.engine = None
-        close_process_group()
+        try:
+            close_process_group()
+        except Exception:  # noqa: BLE001 - a group broken by a dead peer may not close cleanly
+            pass
 
     def put_state_dict(self, adapter_only: bool = False) -> list | None:
         """Gather the full weights and keep them in the object store, owned by this rank; rank
         0 answers with [reference] (a list, so Ray hands back the reference, not the tensors)."""
-        sd = self.engine.full_state_dict(adapter_only)
+        sd = self._guarded(self.engine.full_state_dict, adapter_only)
         return None if sd is None else [ray.put(sd)]
 
     def call(self, method: str, *args, **kwargs) -> Any:
-        return getattr(self.engine, method)(*args, **kwargs)
+        return self._guarded(getattr(self.engine, method), *args, **kwargs)
+
+    def _guarded(self, fn, *args, **kwargs):
+        if self.engine is None:
+            raise RuntimeError("rank has no engine (its group is being re-formed)")
+        try:
+            return fn(*args, **kwargs)
+        except BaseException:
+            self._teardown()  # the group cannot go on after a failed call: see _teardown
+            raise
+
+    # ---- elastic steps (docs/elasticity.md) ---------------------------------------------------
+    def train_step(self, shards: list, global_count: int | None, loss: str, loss_kwargs: dict,
+                   epoch: int, committed: int, share: bool | None, inject: bool = False) -> dict:
+        """One optimizer step, then (unless `share` is None: elasticity off) a snapshot of the new
+        state kept here; with `share`, also put in the object store for the neighbour to copy. Every rank has committed step
+        `committed` of membership `epoch`: older snapshots are dropped."""
+        self._prune(epoch, committed)
+        if inject:
+            from rayllm.chaos import InjectedFault
+
+            rank = self.engine_rank()
+            self._teardown()
+            raise InjectedFault(f"chaos: injected into rank {rank} (member {self.member_id})")
+        out = self._guarded(self.engine.train_step, shards, global_count, loss=loss, **loss_kwargs)
+        out["snapshot"] = None if share is None else self.snapshot_now(epoch, share)
+        return out
+
+    def engine_rank(self) -> int | None:
+        return None if self.engine is None else self.engine.rank
+
+    def snapshot_now(self, epoch: int, share: bool) -> list | None:
+        """A snapshot of the current state, kept here and, with `share`, put in the object store
+        for the neighbour to copy ([reference], so Ray hands back the reference)."""
+        snap = self.engine.snapshot()
+        self._snapshots[(epoch, self.member_id, self.engine.step_count)] = snap
+        return [ray.put(snap)] if share else None
+
+    def commit(self, epoch: int, step: int, peer: int, peer_ref: list | None) -> int:
+        """Take the neighbour's snapshot of `step` (a copy in this process's memory, so it outlives
+        the neighbour), and drop this epoch's snapshots older than the step before it."""
+        if peer_ref is not None:
+            import torch
+
+            snap = ray.get(peer_ref[0], timeout=600)
+            for frag in snap["params"].values():
+                for k, v in frag.items():
+                    if torch.is_tensor(v):
+                        frag[k] = v.clone()
+            self._snapshots[(epoch, peer, step)] = snap
+        for key in [k for k in self._snapshots if k[0] == epoch and k[2] < step - 1]:
+            del self._snapshots[key]
+        return step
+
+    def _prune(self, epoch: int, committed: int) -> None:
+        """Every rank holds its own and its neighbour's snapshot of (epoch, committed): drop the rest."""
+        for key in [k for k in self._snapshots if k[0] < epoch or k[2] < committed]:
+            del self._snapshots[key]
+
+    def save_snapshot_files(self, directory: str) -> None:
+        """This rank's current state into a disk checkpoint (rayllm.group.checkpoint_files)."""
+        from rayllm.group.checkpoint_files import write_snapshot
+
+        write_snapshot(self.engine.snapshot(), directory, self.engine.rank)
+
+    def load_snapshot_files(self, directory: str, world_size: int) -> int:
+        """Restore the state a disk checkpoint of `world_size` ranks holds, whatever this group's
+        size; returns its step count."""
+        from rayllm.group.checkpoint_files import read_snapshots
+        from rayllm.group.state import restore
+
+        snaps = read_snapshots(directory, world_size)
+        self.engine.step_count = self._guarded(restore, self.engine.engine, snaps)
+        return self.engine.step_count
+
+    def holdings(self) -> list[tuple[int, int, int]]:
+        """(epoch, member id, step) of every snapshot this rank holds."""
+        return sorted(self._snapshots)
+
+    def share(self, keys: list[tuple[int, int, int]]) -> list:
+        """The snapshots named, put in the object store (owned by this live rank), in order."""
+        return [ray.put(self._snapshots[tuple(k)]) for k in keys]

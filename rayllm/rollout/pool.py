@@ -30,6 +30,7 @@ import logging
 import math
 import re
 import shutil
+import signal
 import time
 from collections import deque
 from pathlib import Path
@@ -38,7 +39,9 @@ import numpy as np
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from rayllm.chaos import Chaos, send_signal
 from rayllm.config import RolloutConfig, SamplingConfig
+from rayllm.group.membership import Timings
 from rayllm.env import cache_dir, has_cuda, worker_env
 from rayllm.rollout.engine import RolloutEngine
 from rayllm.remote import CallTimeout, gather
@@ -55,6 +58,15 @@ class SyncMismatch(RuntimeError):
     def __init__(self, message: str, report: dict | None = None):
         super().__init__(message)
         self.report = report or {}
+
+
+class _PushInterrupted(RuntimeError):
+    """A weight push stopped by a death: `engines` to check, and whether the policy group's ranks
+    were in a collective with them (the channel), so the group must heal before the next push."""
+
+    def __init__(self, message: str, engines: list[int], group_hit: bool = False):
+        super().__init__(message)
+        self.engines, self.group_hit = engines, group_hit
 
 
 class EngineStartError(RuntimeError):
@@ -76,6 +88,16 @@ class RolloutPool:
         self.restarts = 0
         self.requeued = 0
         self._probe_rows: list[list[int]] | None = None
+        self._want: list | None = None  # the trainer's probe log-probs of the last verified push
+        self._version = 0  # weight pushes begun; _loaded[i]: the one engine i started with
+        self._loaded = [0] * cfg.num_engines
+        self._weights_version = 0  # the push whose weights self._weights holds
+        self._chaos = Chaos(name, cfg.chaos)
+        e = cfg.elastic
+        self._timings = Timings(e.hang_factor, e.hang_grace_s, e.min_samples, cfg.call_timeout_s)
+        self.events: list[dict] = []  # engine faults, drained with take_events()
+        self._calls = {"generate": 0, "push": 0}
+        self.verified_replacements = 0
         self.engines: list = [None] * cfg.num_engines
         self._info: list[dict | None] = [None] * cfg.num_engines
         self._starting: dict[ray.ObjectRef, int] = {}
@@ -92,16 +114,18 @@ class RolloutPool:
         ).remote(i, self.model_path, self.tokenizer_path, self.cfg.model_dump_json())
         self.engines[i] = handle
         self._launches[i] += 1
+        self._loaded[i] = self._weights_version
         ready = handle.info.remote()
         if self._weights is None and self._source is not None:  # last push was collective
             group, lora = self._source
             self._weights = (group.full_state_dict_ref(), lora)
+            self._loaded[i] = self._weights_version = self._version
         if self._weights is not None:  # a replacement starts from the latest pushed weights
             ref, lora = self._weights
             ready = _after(handle.load_weights.remote(ref, lora), handle)
         self._starting[ready] = i
 
-    def _wait_started(self, timeout_s: float | None) -> None:
+    def _wait_started(self, timeout_s: float | None, check: bool = True) -> None:
         """Wait for starting engines; a start-up failure is raised with its cause."""
         for ref, i in list(self._starting.items()):
             try:
@@ -110,8 +134,10 @@ class RolloutPool:
                 self.shutdown()
                 raise EngineStartError(f"{self.name}: engine {i} failed to start: {_cause(e)}") from None
             del self._starting[ref]
+            if check:
+                self._check_joined(i)
 
-    def _poll_started(self) -> None:
+    def _poll_started(self, check: bool = True) -> None:
         """Engines started to replace dead ones join once ready (without blocking)."""
         if not self._starting:
             return
@@ -122,6 +148,59 @@ class RolloutPool:
                 self._info[i] = ray.get(ref)
             except Exception:  # noqa: BLE001 - a replacement that cannot start stays down
                 self.engines[i] = None
+                continue
+            if check:
+                self._check_joined(i)
+
+    def take_events(self) -> list[dict]:
+        out, self.events = self.events, []
+        return out
+
+    def _fire(self, call: str, n: int) -> None:
+        """Chaos faults due at the n-th `call` (docs/elasticity.md): a signal to the engine's process."""
+        for f in self._chaos.due(call, n):
+            info = self._info[f.rank] if f.rank < len(self._info) else None
+            if info is not None:
+                self._chaos.fire(f, info["node"], info["pid"])
+
+    def _dead(self, engines: list[int], timeout_s: float = 30.0) -> list[int]:
+        """Which of these engines no longer answer an info call within timeout_s (an engine answers
+        once its current call returns: after a failed push, the others' calls fail within seconds)."""
+        refs = [self.engines[i].info.remote() for i in engines if self.engines[i] is not None]
+        out = []
+        for i, r in zip([i for i in engines if self.engines[i] is not None], refs):
+            try:
+                ray.get(r, timeout=timeout_s)
+            except Exception:  # noqa: BLE001 - dead or hung: replaced either way
+                info = self._info[i]
+                if info is not None:  # SIGKILL ends a frozen process too (ray.kill leaves it stopped)
+                    try:
+                        send_signal(info["node"], info["pid"], signal.SIGKILL)
+                    except Exception:  # noqa: BLE001 - already gone
+                        pass
+                ray.kill(self.engines[i], no_restart=True)
+                out.append(i)
+        return out
+
+    def _check_joined(self, i: int) -> None:
+        """A replacement that joins after a verified push is verified against the same trainer
+        log-probs: every engine that generates has passed verification of the weights it holds."""
+        if self._loaded[i] != self._version and self._version > 0:
+            # Started before the latest push (its weights are older): load the latest first.
+            if self._weights is None and self._source is not None:
+                self._weights = (self._source[0].full_state_dict_ref(), self._source[1])
+                self._weights_version = self._version
+            ref, lora = self._weights
+            self._gather([self.engines[i].load_weights.remote(ref, lora)], [i], "load_weights")
+            self._loaded[i] = self._weights_version
+        if self._want is None or not self.cfg.verify:
+            return
+        got = self._gather([self.engines[i].prompt_logprobs.remote(self.probe())], [i], "prompt_logprobs")[0]
+        gap = np.abs(np.concatenate([np.asarray(x, dtype=np.float64) for x in got]) - np.concatenate(self._want))
+        if not (float(np.mean(gap)) <= self.cfg.mean_tolerance and float(np.max(gap)) <= self.cfg.tolerance):
+            raise SyncMismatch(f"{self.name}: replacement engine {i} log-probs differ from the trainer's: mean "
+                               f"|delta| {float(np.mean(gap)):.3g}, largest {float(np.max(gap)):.3g}")
+        self.verified_replacements += 1
 
     def _alive(self) -> list[int]:
         return [i for i, e in enumerate(self.engines) if e is not None and self._info[i] is not None]
@@ -147,18 +226,25 @@ class RolloutPool:
         todo = deque(range(0, len(prompts), c))
         # ref -> (slot, chunk start, engine, deadline)
         inflight: dict[ray.ObjectRef, tuple[int, int, object, float]] = {}
+        started: dict[ray.ObjectRef, float] = {}
         done: dict[int, list[Sample]] = {}
 
         def dispatch(i: int) -> None:
             if todo:
                 start = todo.popleft()
                 ref = self.engines[i].generate.remote(prompts[start:start + c], start, s_json, key)
-                inflight[ref] = (i, start, self.engines[i], time.monotonic() + self.cfg.call_timeout_s)
+                # The deadline runs from when the engine can start it (it holds up to two chunks).
+                queued = sum(1 for e, _, _, _ in inflight.values() if e == i)
+                due = time.monotonic() + (1 + queued) * self._timings.deadline("generate")
+                inflight[ref] = (i, start, self.engines[i], due)
+                started[ref] = time.monotonic()
 
         self._poll_started()
         for _ in range(2):
             for i in self._alive():
                 dispatch(i)
+        self._calls["generate"] += 1
+        self._fire("generate", self._calls["generate"])
         while inflight or todo:
             if not inflight:  # every engine is down: wait for a replacement
                 if not self._starting:
@@ -171,10 +257,22 @@ class RolloutPool:
             first_due = min(v[3] for v in inflight.values())
             ready, _ = ray.wait(waits, num_returns=1, timeout=max(0.0, first_due - time.monotonic()))
             if not ready:
-                i, start, _, _ = min(inflight.values(), key=lambda v: v[3])
+                i, start, handle, due = min(inflight.values(), key=lambda v: v[3])
+                # An engine that does not answer a ping either is frozen: _dead kills it; requeue its chunks.
+                if self.cfg.elastic.enabled and self._dead([i], self.cfg.elastic.ping_timeout_s):
+                    self.events.append({"event": "fault", "kind": "hang", "group": self.name, "rank": i,
+                                        "call": "generate", "detect_s": None})
+                    for ref in [r for r, v in inflight.items() if v[2] is handle]:
+                        todo.appendleft(inflight.pop(ref)[1])
+                        self.requeued += 1
+                    self._lost(i)
+                    for j in self._alive():
+                        dispatch(j)
+                    continue
                 raise CallTimeout(f"{self.name}: engine {i}: generate (the chunk of prompts {start}.."
                                   f"{min(start + c, len(prompts)) - 1}) did not answer within "
-                                  f"{self.cfg.call_timeout_s:g} s (rollout.call_timeout_s)")
+                                  f"{self._timings.deadline('generate'):g} s (rollout.call_timeout_s, "
+                                  "rollout.elastic)")
             if ready[0] in self._starting:
                 self._poll_started()
                 for i in self._alive():
@@ -184,7 +282,10 @@ class RolloutPool:
             i, start, handle, _ = inflight.pop(ready[0])
             try:
                 samples = ray.get(ready[0])
+                self._timings.add("generate", time.monotonic() - started.pop(ready[0]))
             except _DEAD:
+                self.events.append({"event": "fault", "kind": "death", "group": self.name, "rank": i,
+                                    "call": "generate", "detect_s": None})
                 todo.appendleft(start)
                 self.requeued += 1
                 if self.engines[i] is handle:  # not yet replaced (its other chunks fail too)
@@ -214,22 +315,49 @@ class RolloutPool:
         than one engine forward to the push."""
         lora = group.lora_merge_spec()  # peft's adapter and per-module scaling; None without LoRA
         self._source = (group, lora)
-        for attempt in (1, 2):
+        self._calls["push"] += 1
+        self._fire("push", self._calls["push"])
+        self._version += 1
+        attempt, lost = 0, 0
+        while True:
+            attempt += 1
+            # Replacements that are ready take part in this push (it loads and verifies them too);
+            # with no engine left, wait for one.
+            self._poll_started(check=False)
+            if not self._alive():
+                self._wait_started(self.cfg.start_timeout_s, check=False)
+            for i in self._alive():
+                self._loaded[i] = self._version
             try:
                 push = self._sync_collective if self.transport == "collective" else self._sync_object_store
-                return {**push(group, lora), "attempts": attempt}
+                return {**push(group, lora), "attempts": attempt, "engines_lost": lost}
             except SyncMismatch as e:
-                if attempt == 2:
+                if attempt - lost >= 2:
                     e.report["attempts"] = attempt
                     raise
                 log.warning("%s; pushing again (attempt 2 of 2)", e)
                 self._channel_key = None  # a broken channel is re-formed for the second try
+            except _PushInterrupted as e:
+                # An engine (or a policy rank) died during the channel set-up, the push or the
+                # verification: replace what died and push again to the engines alive. A
+                # replacement loads the pushed weights and is verified when it joins.
+                lost += 1
+                if lost > self.cfg.num_engines + 2:
+                    raise RuntimeError(f"{self.name}: the weight push was interrupted {lost} times: {e}") from None
+                log.warning("%s; pushing again", e)
+                self._channel_key = None
+                if e.group_hit:
+                    group.heal()  # its ranks tore down their process group when the channel broke
+                for i in self._dead(e.engines):
+                    self.events.append({"event": "fault", "kind": "death", "group": self.name, "rank": i,
+                                        "call": "push", "detect_s": None})
+                    self._lost(i)
 
     def _sync_object_store(self, group, lora: dict | None) -> dict:
         t0 = time.perf_counter()
         ref = group.full_state_dict_ref()
         t1 = time.perf_counter()
-        self._weights = (ref, lora)
+        self._weights, self._weights_version = (ref, lora), self._version
         alive = self._alive()
         loads = [self.engines[i].load_weights.remote(ref, lora) for i in alive]
         want = self._trainer_probe(group) if self.cfg.verify else None
@@ -237,7 +365,7 @@ class RolloutPool:
         try:
             self._gather(loads, alive, "load_weights")
         except _DEAD as e:
-            raise RuntimeError(f"{self.name}: an engine died while loading weights: {_cause(e)}") from None
+            raise _PushInterrupted(f"{self.name}: an engine died while loading weights: {_cause(e)}", alive) from None
         t3 = time.perf_counter()
         out = {"transport": "object_store", "gather_s": t1 - t0, "push_s": t3 - t1, "engines": len(alive)}
         return self._verified(out, want, t2 - t1, t3)
@@ -270,7 +398,8 @@ class RolloutPool:
                    [names[r] for r in pending])
         except _DEAD as e:
             self._channel_key = None  # re-formed with the live engines at the next push
-            raise RuntimeError(f"{self.name}: an engine died while receiving weights: {_cause(e)}") from None
+            raise _PushInterrupted(f"{self.name}: an engine or a {group.name} rank died during the weight broadcast: "
+                                   f"{_cause(e)}", alive, group_hit=True) from None
         t4 = time.perf_counter()
         out = {"transport": "collective", "channel_s": t1 - t0, "gather_s": 0.0, "push_s": t4 - t1,
                "broadcast_s": t2 - t1, "engines": len(alive)}
@@ -278,7 +407,12 @@ class RolloutPool:
 
     def _verified(self, out: dict, want, probe_s: float, t_loaded: float) -> dict:
         if want is not None:
-            out.update(self._compare(want))
+            try:
+                out.update(self._compare(want))
+            except _DEAD as e:
+                raise _PushInterrupted(f"{self.name}: an engine died during verification: {_cause(e)}",
+                                       self._alive()) from None
+            self._want = want  # what a replacement engine is checked against when it joins
             out["verify_s"] = time.perf_counter() - t_loaded
             out["trainer_probe_s"] = probe_s
         return out
@@ -300,7 +434,8 @@ class RolloutPool:
             gather([group.open_channel_ref(json.dumps(spec))] +
                    [self.engines[i].open_channel.remote(spec, f) for i, f in zip(alive, firsts)], timeout_s=180)
         except _DEAD as e:
-            raise RuntimeError(f"{self.name}: an engine died while joining the weight channel: {_cause(e)}") from None
+            raise _PushInterrupted(f"{self.name}: an engine died while joining the weight channel: {_cause(e)}",
+                                   alive, group_hit=True) from None
         self._channel_key = key
 
     def probe(self, vocab_size: int | None = None) -> list[list[int]]:
@@ -329,7 +464,9 @@ class RolloutPool:
         by the mean against `mean_tolerance` and the largest against the looser `tolerance`."""
         rows = self.probe()
         alive = self._alive()
-        got = self._gather([self.engines[i].prompt_logprobs.remote(rows) for i in alive], alive, "prompt_logprobs")
+        refs = [self.engines[i].prompt_logprobs.remote(rows) for i in alive]
+        self._fire("verify", self._calls["push"])
+        got = self._gather(refs, alive, "prompt_logprobs")
         want_flat = np.concatenate(want)
         per_engine, bad = {}, None
         for i, g in zip(alive, got):

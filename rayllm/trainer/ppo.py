@@ -52,7 +52,8 @@ from rayllm.datasets.tasks import scorer
 from rayllm.group import ModelGroup, Placement
 from rayllm.group.model_group import CheckpointRefused, checkpoint_meta
 from rayllm.hooks import load_hook
-from rayllm.io import append_jsonl, write_json_atomic
+from rayllm.io import write_json_atomic
+from rayllm.trainer.loop import Ledger, StageLog
 from rayllm.models import load_tokenizer, resolve_model, value_model_from
 from rayllm.rollout import RolloutPool, SyncMismatch
 
@@ -146,8 +147,12 @@ class PPOTrainer:
 
     # ---- one iteration ------------------------------------------------------------------------
     def next_prompts(self) -> list[dict]:
-        n, recs = self.stage.train.rollout_batch_size, self.train_records
-        out = [recs[(self.cursor + i) % len(recs)] for i in range(n)]
+        return [self.train_records[i] for i in self.take_prompt_ids()]
+
+    def take_prompt_ids(self) -> list[int]:
+        """Indices of the next rollout batch of training prompts (the ledger's ids), in order."""
+        n, total = self.stage.train.rollout_batch_size, len(self.train_records)
+        out = [(self.cursor + i) % total for i in range(n)]
         self.cursor += n
         return out
 
@@ -246,10 +251,11 @@ class PPOTrainer:
         return adv * mask, torch.zeros_like(mask)
 
     def train(self, exp: dict, policy: bool = True) -> dict:
-        """ppo_epochs passes over shuffled mini-batches. Every step of both groups is queued at
-        once (a rank runs its calls in order): the policy and the critic each go through their
-        steps at their own pace, with no driver round trip between steps and no group waiting
-        for the other's. policy=False trains the critic alone (critic warm-up)."""
+        """ppo_epochs passes over shuffled mini-batches, one optimizer step at a time: each
+        mini-batch is a step of the policy and one of the critic, run at once on their groups,
+        and each is committed on every rank before the next starts (a fault retries that step
+        with the same rows, never leaving some steps applied and others not; docs/elasticity.md).
+        policy=False trains the critic alone (critic warm-up)."""
         a = self.stage.algo
         temp = self.stage.rollout.sampling.temperature
         pol, cri = [], []
@@ -257,14 +263,16 @@ class PPOTrainer:
             order = self.rng.permutation(exp["n"])
             for start in range(0, exp["n"], a.mini_batch_size):
                 idx = order[start:start + a.mini_batch_size]
+                steps = []
                 if policy:
-                    pol.append(self.groups["policy"].train_step_async(
+                    steps.append((pol, self.groups["policy"].train_step_async(
                         [exp["policy_rows"][i] for i in idx], loss="ppo_policy", clip_eps=a.clip_eps,
-                        dual_clip=a.dual_clip, entropy_coef=a.entropy_coef, temperature=temp if temp > 0 else 1.0))
+                        dual_clip=a.dual_clip, entropy_coef=a.entropy_coef, temperature=temp if temp > 0 else 1.0)))
                 if exp["critic_rows"]:
-                    cri.append(self.groups["critic"].train_step_async(
-                        [exp["critic_rows"][i] for i in idx], loss="ppo_value", clip_eps=a.value_clip))
-        pol, cri = [p.result() for p in pol], [c.result() for c in cri]
+                    steps.append((cri, self.groups["critic"].train_step_async(
+                        [exp["critic_rows"][i] for i in idx], loss="ppo_value", clip_eps=a.value_clip)))
+                for results, pending in steps:
+                    results.append(pending.result())
         out = {}
         if pol:
             out = {k: float(np.mean([m[k] for m in pol])) for k in ("policy_loss", "entropy", "clipfrac", "approx_kl")}
@@ -320,7 +328,8 @@ class PPOTrainer:
         (the metrics so far). trainer.json is written last, naming the iteration both group
         checkpoints hold, so a crash mid-save resumes from the previous one. Each group's
         rayllm.json carries the fingerprint too, checked again before its files are unpickled."""
-        (tag,) = {self.groups[r].save_checkpoint(ckpt_dir / r, it, {"data": loop["data"]})
+        (tag,) = {self.groups[r].save_checkpoint(ckpt_dir / r, it, {"data": loop["data"]},
+                                                 keep_last=self.stage.train.keep_last)
                   for r in ("policy", "critic") if r in self.groups}
         state = {"iteration": it, "tag": tag, "cursor": self.cursor, "rng": self.rng.bit_generator.state,
                  "kl_coef": self.kl_ctl.value, "moments": vars(self.moments) if self.moments else None, **loop}
@@ -356,7 +365,8 @@ def sync_metrics(rep: dict) -> dict:
     """A push's report (RolloutPool.sync, or SyncMismatch.report) as flat metrics: times, the
     verification's statistics of the worst engine, and how many attempts it took."""
     out = {"sync_s": rep.get("push_s", 0) + rep.get("gather_s", 0) + rep.get("verify_s", 0),
-           "sync_verify_s": rep.get("verify_s", 0.0), "sync_attempts": rep.get("attempts", 1)}
+           "sync_verify_s": rep.get("verify_s", 0.0), "sync_attempts": rep.get("attempts", 1),
+           "sync_engines_lost": rep.get("engines_lost", 0)}
     for k in ("mean_gap", "max_gap", "token_prob_error"):
         out[f"sync_{k}"] = rep.get(k, float("nan"))
     return out
@@ -366,9 +376,12 @@ def checkpoint_fingerprint(stage: PPO, artifacts: dict[str, str]) -> str:
     """What a checkpoint must have been taken on to be resumed: the stage's config (except how
     long it runs and how often it saves or evaluates) and the models it started from."""
     cfg = stage.model_dump(mode="json")
-    cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in ("iterations", "checkpoint_every", "eval_every")}
-    for role in ("policy", "critic", "reference", "reward"):  # how long the driver waits changes no result
-        cfg[role].pop("call_timeout_s", None)
+    cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in ("iterations", "checkpoint_every", "eval_every", "keep_last")}
+    for role in ("policy", "critic", "reference", "reward"):  # how long the driver waits changes no result,
+        # nor how faults are met or injected, nor how many ranks compute it (a checkpoint loads on any number)
+        for key in ("call_timeout_s", "elastic", "chaos", "num_ranks", "cpus_per_rank", "gpus_per_rank"):
+            cfg[role].pop(key, None)
+    cfg["rollout"].pop("chaos", None)
     return hashlib.sha256(json.dumps([cfg, artifacts], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -403,7 +416,9 @@ def run_ppo(stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, str], met
     ckpt_dir, fingerprint = out_dir / "checkpoints", checkpoint_fingerprint(stage, artifacts)
     state = checkpoint_state(stage, ckpt_dir, fingerprint)
     trainer = PPOTrainer(stage, out_dir, seed, artifacts)
-    log = lambda rec: append_jsonl(metrics_path, {"stage": stage.name, **rec})  # noqa: E731
+    log = StageLog(stage.name, metrics_path, [*trainer.groups.values(), trainer.pool])  # their fault events
+    log.truncate_after(state["iteration"] if state else 0)
+    ledger = Ledger.from_state(state or {})
     try:
         say(f"[rayllm] {stage.name}: groups {', '.join(f'{r} ({g.world_size} rank(s), ZeRO-{g.cfg.zero_stage})' for r, g in trainer.groups.items())}; "
             f"{stage.rollout.num_engines} {stage.rollout.backend} engine(s); {len(trainer.train_records)} prompts, "
@@ -420,7 +435,8 @@ def run_ppo(stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, str], met
         bar = tqdm(total=iters, initial=start - 1, desc=stage.name, disable=not progress, unit="iter",
                    mininterval=0.2 if sys.stderr.isatty() else 15.0)
         for it in range(start, iters + 1):
-            exp = trainer.make_experience(trainer.next_prompts(), it)
+            prompt_ids = trainer.take_prompt_ids()
+            exp = trainer.make_experience([trainer.train_records[i] for i in prompt_ids], it)
             t = time.perf_counter()
             update_policy = it > stage.train.critic_warmup or "critic" not in trainer.groups
             m = {**exp["metrics"], **trainer.train(exp, policy=update_policy)}
@@ -435,8 +451,10 @@ def run_ppo(stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, str], met
                     m.update(sync_metrics(e.report), sync_failed=True)
                     m["iteration_s"] = m["generate_s"] + m["experience_s"] + m["train_s"] + m["sync_s"]
                     history.append(m)
-                    log({"step": it, **m})
-                    trainer.save(ckpt_dir, it, {"data": fingerprint, "first": first, "history": history})
+                    ledger.add(prompt_ids)
+                    log({"step": it, **m, "sample_ids": ledger.steps[-1]})
+                    trainer.save(ckpt_dir, it, {"data": fingerprint, "first": first, "history": history,
+                                                "ledger": ledger.steps})
                     say(f"[rayllm] {stage.name}: the weight push after iteration {it} failed verification twice; "
                         f"checkpoint written to {ckpt_dir}, a rerun resumes after iteration {it}", flush=True)
                     raise
@@ -446,11 +464,13 @@ def run_ppo(stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, str], met
             if stage.train.eval_every and it % stage.train.eval_every == 0 and it < iters:
                 m.update({k: v for k, v in trainer.evaluate().items() if k != "eval_examples"})
             history.append(m)
-            log({"step": it, **m})
+            ledger.add(prompt_ids)
+            log({"step": it, **m, "sample_ids": ledger.steps[-1]})
             bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m['kl']:.3f}")
             bar.update(1)
             if stage.train.checkpoint_every and it % stage.train.checkpoint_every == 0 and it < iters:
-                trainer.save(ckpt_dir, it, {"data": fingerprint, "first": first, "history": history})
+                trainer.save(ckpt_dir, it, {"data": fingerprint, "first": first, "history": history,
+                                            "ledger": ledger.steps})
         bar.close()
         last = trainer.evaluate()
         log({"step": iters, **{k: v for k, v in last.items() if k != "eval_examples"}})

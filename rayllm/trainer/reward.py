@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-
 from rayllm.algorithms import pairwise_accuracy, pairwise_loss
 from rayllm.config import RewardModel
 from rayllm.datasets import tasks
@@ -29,8 +26,9 @@ from rayllm.datasets.preference import (
 )
 from rayllm.group import ModelGroup
 from rayllm.group.model_group import total_steps
-from rayllm.io import append_jsonl, write_json_atomic
+from rayllm.io import write_json_atomic
 from rayllm.trainer.checkpoints import resume_state
+from rayllm.trainer.loop import Ledger, StageLog, run_steps
 from rayllm.models import load_tokenizer, resolve_model, value_model_from
 from rayllm.trainer.sft_data import epoch_order
 
@@ -49,12 +47,15 @@ class PairBatches:
     def steps_per_epoch(self) -> int:
         return len(self) // self.global_batch
 
+    def batch_ids(self, step: int) -> list[int]:
+        """Indices of the pairs of step `step` (the ledger's ids)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        G = self.global_batch
+        return epoch_order(len(self.pairs), self.seed, epoch)[k * G: (k + 1) * G]
+
     def batch(self, step: int) -> list[dict]:
         """Rows [chosen_0, rejected_0, chosen_1, ...] of `global_batch` pairs."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        order = epoch_order(len(self.pairs), self.seed, epoch)
-        G = self.global_batch
-        return flatten_pairs([self.pairs[i] for i in order[k * G: (k + 1) * G]])
+        return flatten_pairs([self.pairs[i] for i in self.batch_ids(step)])
 
     @property
     def fingerprint(self) -> str:
@@ -201,7 +202,8 @@ def run_reward(stage: RewardModel, out_dir: Path, seed: int = 0, artifacts: dict
         ckpt_dir = out_dir / "checkpoints"
         state = resume_state(group, ckpt_dir, train.fingerprint, stage.name)
         step = state["step"]
-        log = lambda rec: append_jsonl(metrics_path, {"stage": stage.name, **rec})  # noqa: E731
+        log = StageLog(stage.name, metrics_path, [group])
+        log.truncate_after(step)
         if step == 0 or "eval_accuracy_initial" not in state:
             initial = evaluate(group, held, origins)
             if step == 0:
@@ -209,24 +211,21 @@ def run_reward(stage: RewardModel, out_dir: Path, seed: int = 0, artifacts: dict
             initial_accuracy = initial["eval_accuracy"]
         else:  # resumed: the accuracy of the model the run started from, not of the checkpoint
             initial_accuracy = state["eval_accuracy_initial"]
-        bar = tqdm(total=n_steps, initial=step, desc=f"{stage.name}", disable=not progress, unit="step",
-                   mininterval=0.2 if sys.stderr.isatty() else 15.0)
-        while step < n_steps:
-            t = time.time()
-            m = group.train_step(train.batch(step), loss="pairwise", global_count=G, margin=stage.margin)
+
+        def train_one(s: int) -> dict:
+            m = group.train_step(train.batch(s), loss="pairwise", global_count=G, margin=stage.margin)
             m["pairs"] = m.pop("tokens")  # the pairwise loss counts pairs
-            step += 1
-            epoch = (step - 1) // train.steps_per_epoch
-            rec = {"step": step, "epoch": epoch, "step_time_s": time.time() - t, **m}
-            if stage.train.eval_every and step % stage.train.eval_every == 0 and step < n_steps:
-                rec.update(evaluate(group, held, origins))
-            log(rec)
-            bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}")
-            bar.update(1)
-            if stage.train.checkpoint_every and step % stage.train.checkpoint_every == 0:
-                group.save_checkpoint(ckpt_dir, step, {"data": train.fingerprint, "pairs_consumed": step * G,
-                                                       "eval_accuracy_initial": initial_accuracy})
-        bar.close()
+            return m
+
+        run_steps(name=stage.name, n_steps=n_steps, start=step, log=log, ledger=Ledger.from_state(state),
+                  step_fn=train_one, batch_ids=train.batch_ids, eval_every=stage.train.eval_every,
+                  eval_fn=lambda: evaluate(group, held, origins), checkpoint_every=stage.train.checkpoint_every,
+                  checkpoint_fn=lambda s, extra: group.save_checkpoint(ckpt_dir, s, {
+                      "data": train.fingerprint, "pairs_consumed": s * G, "eval_accuracy_initial": initial_accuracy,
+                      **extra}, keep_last=stage.train.keep_last),
+                  steps_per_epoch=train.steps_per_epoch, progress=progress,
+                  postfix=lambda m: {"loss": f"{m['loss']:.3f}", "acc": f"{m['accuracy']:.2f}"})
+        step = n_steps
         final = evaluate(group, held, origins)
         log({"step": step, **final})
         group.save_hf(out_dir / "model")

@@ -6,17 +6,14 @@ position (the rows of each step are a pure function of the seed; rayllm.trainer.
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
-
-from tqdm.auto import tqdm
 
 from rayllm.config import SFT
 from rayllm.group import ModelGroup
 from rayllm.group.model_group import total_steps
-from rayllm.io import append_jsonl
 from rayllm.trainer.checkpoints import resume_state
+from rayllm.trainer.loop import Ledger, StageLog, run_steps
 from rayllm.models import load_tokenizer, resolve_model
 from rayllm.trainer.sft_data import load_sft_data
 
@@ -45,29 +42,21 @@ def run_sft(stage: SFT, out_dir: Path, seed: int = 0, metrics_path: Path | None 
         ckpt_dir = out_dir / "checkpoints"
         state = resume_state(group, ckpt_dir, train.fingerprint, stage.name)
         step = state["step"]
-        log = lambda rec: append_jsonl(metrics_path, {"stage": stage.name, **rec})  # noqa: E731
+        log = StageLog(stage.name, metrics_path, [group])
+        log.truncate_after(step)
         initial_eval = group.eval_loss(held)
         if step == 0:
             log({"step": 0, "eval_loss": initial_eval})
-        # In a terminal the bar redraws in place; in a log file it would write a line per step.
-        bar = tqdm(total=n_steps, initial=step, desc=f"{stage.name}", disable=not progress, unit="step",
-                   mininterval=0.2 if sys.stderr.isatty() else 15.0)
-        while step < n_steps:
-            t = time.time()
-            m = group.train_step(train.batch(step))
-            step += 1
-            epoch = (step - 1) // train.steps_per_epoch
-            rec = {"step": step, "epoch": epoch, "step_time_s": time.time() - t, **m}
-            if stage.train.eval_every and step % stage.train.eval_every == 0 and step < n_steps:
-                rec["eval_loss"] = group.eval_loss(held)
-            log(rec)
-            bar.set_postfix(loss=f"{m['loss']:.3f}")
-            bar.update(1)
-            if stage.train.checkpoint_every and step % stage.train.checkpoint_every == 0:
-                # The data position is the step: the rows of step s are a function of (seed, s).
-                group.save_checkpoint(ckpt_dir, step, {"data": train.fingerprint,
-                                                       "rows_consumed": step * G})
-        bar.close()
+        # The data position is the step: the rows of step s are a function of (seed, s).
+        run_steps(name=stage.name, n_steps=n_steps, start=step, log=log, ledger=Ledger.from_state(state),
+                  step_fn=lambda s: group.train_step(train.batch(s)), batch_ids=train.batch_ids,
+                  eval_every=stage.train.eval_every, eval_fn=lambda: {"eval_loss": group.eval_loss(held)},
+                  checkpoint_every=stage.train.checkpoint_every,
+                  checkpoint_fn=lambda s, extra: group.save_checkpoint(ckpt_dir, s, {
+                      "data": train.fingerprint, "rows_consumed": s * G, **extra}, keep_last=stage.train.keep_last),
+                  steps_per_epoch=train.steps_per_epoch, progress=progress,
+                  postfix=lambda m: {"loss": f"{m['loss']:.3f}"})
+        step = n_steps
         final_eval = group.eval_loss(held)
         log({"step": step, "eval_loss": final_eval})
         group.save_hf(out_dir / "model")

@@ -44,10 +44,13 @@ class PaddedRows:
     def steps_per_epoch(self) -> int:
         return len(self) // self.global_batch
 
-    def batch(self, step: int) -> list[dict]:
+    def batch_ids(self, step: int) -> list[int]:
+        """Indices of the rows of step `step` (the ledger's ids)."""
         epoch, k = divmod(step, self.steps_per_epoch)
-        order = epoch_order(len(self.rows), self.seed, epoch)
-        return [self.rows[i] for i in order[k * self.global_batch: (k + 1) * self.global_batch]]
+        return epoch_order(len(self.rows), self.seed, epoch)[k * self.global_batch: (k + 1) * self.global_batch]
+
+    def batch(self, step: int) -> list[dict]:
+        return [self.rows[i] for i in self.batch_ids(step)]
 
     @property
     def fingerprint(self) -> str:
@@ -76,10 +79,13 @@ class PackedRows:
             self._cached = (epoch, ids[~np.isin(ids, self.exclude)])
         return self._cached[1]
 
-    def batch(self, step: int) -> RowRefs:
+    def batch_ids(self, step: int) -> list[int]:
+        """Packed-row ids of step `step` (the ledger's ids)."""
         epoch, k = divmod(step, self.steps_per_epoch)
-        ids = self.order(epoch)[k * self.global_batch: (k + 1) * self.global_batch]
-        return RowRefs(self.source.path, tuple(int(i) for i in ids))
+        return [int(i) for i in self.order(epoch)[k * self.global_batch: (k + 1) * self.global_batch]]
+
+    def batch(self, step: int) -> RowRefs:
+        return RowRefs(self.source.path, tuple(self.batch_ids(step)))
 
     @property
     def fingerprint(self) -> str:

@@ -96,6 +96,7 @@ def test_driver_crash_mid_run_resumes_without_repeating_steps_or_rows(ray_cluste
     assert fed[6] == order.batch(6).ids and fed[7] == order.batch(7).ids
 
 
+@pytest.mark.slow  # 55 s; the suite's 25-minute budget (the packed-row path is in the other SFT tests)
 def test_prepared_dataset_feeds_the_pipeline(ray_cluster, tmp_path):
     """`rayllm data prepare` on an SFT JSONL (with a malformed line), then `sft.data.prepared`."""
     from rayllm.config import DataPrepConfig
@@ -128,3 +129,28 @@ def test_demo_entry_point_runs_as_a_script(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "pipeline 'sft_tiny' finished" in out.stdout and "eval loss" in out.stdout
     assert (tmp_path / "sft" / "model" / "model.safetensors").is_file()
+
+
+def test_rank_sigkilled_mid_stage_the_stage_completes_with_each_row_once_and_the_fault_logged(
+        ray_cluster, tmp_path, monkeypatch):
+    """RAYLLM_CHAOS kills rank 1 of the SFT group (2 ranks, ZeRO-2) 0.05 s into step 4, from
+    outside its process. The stage goes on without a restart: every step once in metrics.jsonl,
+    the ledger consumes each packed row of the epoch once, and the fault is an event there."""
+    monkeypatch.setenv("RAYLLM_CHAOS", "sft/policy:1:4:kill:0.05")
+    pipe = load_pipeline(ROOT / "pipelines/sft_tiny.py",
+                         SMALL + [f"run_dir={tmp_path}", "sft.group.num_ranks=2", "sft.group.zero_stage=2",
+                                  "sft.group.cpus_per_rank=1", "sft.train.eval_every=0", "sft.train.epochs=1"])
+    s = run_pipeline(pipe, progress=False)["stages"][0]
+    lines = _metrics(tmp_path)
+    steps = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in steps] == list(range(1, s["steps"] + 1))
+    (fault,) = [m for m in lines if m.get("event") == "fault"]
+    assert (fault["stage"], fault["kind"], fault["rank"], fault["step"]) == ("sft", "death", 1, 4)
+    assert fault["recover_s"] < 60
+    consumed = [i for m in steps for i in m["sample_ids"]]
+    from rayllm.data.stream import PackedSource
+    from rayllm.trainer.sft_data import PackedRows
+
+    order = PackedRows(PackedSource(tmp_path / "sft" / "data"), 8, pipe.seed, window=4).order(0)
+    assert consumed == [int(i) for i in order[: len(consumed)]]  # the epoch's order, each row once
+    assert len(set(consumed)) == len(consumed) and len(order) - len(consumed) < 8  # only the last partial batch

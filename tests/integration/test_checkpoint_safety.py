@@ -90,18 +90,17 @@ def test_load_checkpoint_refuses_other_data_and_tags_outside_the_directory(group
     assert not marker.exists()
 
 
-def test_a_trapped_pickle_beside_a_matching_rayllm_json_is_loaded_weights_only_and_not_run(
-        group, tmp_path, random_rows):
-    """Defence in depth: a checkpoint rayllm wrote (its JSON checks out) whose model states were
-    replaced afterwards. The ranks load with weights_only=True, so the pickle is rejected unrun."""
+def test_a_checkpoint_holds_no_pickle_and_one_planted_in_it_is_never_read(group, tmp_path, random_rows):
+    """A checkpoint rayllm wrote is safetensors and JSON only (rayllm.group.checkpoint_files);
+    a pickle planted in it afterwards, under the name DeepSpeed would load, is never opened."""
     ckpt, marker = tmp_path / "checkpoints", tmp_path / "pwned"
     group.train_step(random_rows(4))
     tag = group.save_checkpoint(ckpt, 1, {"data": "my-data"})
-    assert json.loads((ckpt / tag / CHECKPOINT_META).read_text()) == {"data": "my-data", "step": 1}
-    assert group.load_checkpoint(ckpt, data="my-data") == {"data": "my-data", "step": 1}  # real one loads
+    meta = json.loads((ckpt / tag / CHECKPOINT_META).read_text())
+    assert {k: meta[k] for k in ("data", "step", "world_size")} == {"data": "my-data", "step": 1, "world_size": 1}
+    assert sorted(p.suffix for p in (ckpt / tag).iterdir()) == [".json", ".json", ".safetensors"]
     _plant(ckpt / tag / "mp_rank_00_model_states.pt", marker)
-    with pytest.raises(Exception, match="Weights only load failed"):
-        group.load_checkpoint(ckpt, data="my-data")
+    assert group.load_checkpoint(ckpt, data="my-data")["step"] == 1
     assert not marker.exists()
 
 

@@ -87,6 +87,7 @@ def test_prepare_accounts_for_every_record_and_packs(tmp_path):
     assert np.isclose(stats["padding_share"], 1 - real / (256 * stats["rows"]))
 
 
+@pytest.mark.slow  # 75 s; the suite's 25-minute budget
 def test_packed_rows_do_not_depend_on_how_ray_data_splits_blocks(tmp_path):
     # The sort by id samples its range boundaries, so block sizes change from run to run; packing
     # windows cut along blocks made an SFT stage's rows (and so its loss) differ between reruns.

@@ -59,9 +59,11 @@ def test_gather_returns_results_in_order_and_none_timeout_waits_without_deadline
 
 def test_a_frozen_rank_raises_call_timeout_naming_group_rank_and_method(tiny_path, random_rows):
     """The rank's process is stopped (SIGSTOP) from outside: it is alive but never answers, as a
-    rank hung in a collective or a driver call would be."""
+    rank hung in a collective or a driver call would be. With elasticity off, the deadline is all
+    there is (tests/integration/test_elastic.py has the eviction and recovery)."""
     rows = random_rows(8)
-    g = ModelGroup("faults/policy", GroupConfig(num_ranks=1, zero_stage=0, call_timeout_s=4), tiny_path)
+    g = ModelGroup("faults/policy", GroupConfig(num_ranks=1, zero_stage=0, call_timeout_s=4,
+                                                elastic={"enabled": False}), tiny_path)
     pid = ray.get(g.workers[0].pid.remote(), timeout=60)
     try:
         g.train_step(rows)  # a live rank answers well within the deadline

@@ -185,8 +185,12 @@ def test_driver_crash_mid_ppo_resumes_at_its_checkpoint(tmp_path, tiny_path, mon
     assert json.loads((out / "checkpoints" / "trainer.json").read_text())["iteration"] == 2
     s = run_ppo(stage, out, 0, arts, progress=False)
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics if "reward" in m] == [1, 2, 3, 3, 4]
-    was, now = first[-1], next(m for m in metrics[len(first):] if m.get("step") == 3)
+    # The first run's line of iteration 3 (after the checkpoint) is dropped on resume, and the
+    # rerun writes it again: each iteration once.
+    assert [m["step"] for m in metrics if "reward" in m] == [1, 2, 3, 4]
+    # The ledger: 4 prompts per iteration, taken in order through the 32-prompt set.
+    assert [m["sample_ids"] for m in metrics if "reward" in m] == [list(range(4 * i, 4 * i + 4)) for i in range(4)]
+    was, now = first[-1], next(m for m in metrics if m.get("step") == 3 and "reward" in m)
     for key in ("reward", "kl", "kl_coef", "policy_loss", "value_loss", "response_length"):
         assert now[key] == pytest.approx(was[key], rel=1e-4, abs=1e-5), key
     assert s["iterations"] == 4 and (out / "model" / "config.json").is_file()

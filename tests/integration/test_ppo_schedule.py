@@ -19,6 +19,7 @@ from rayllm.trainer.ppo import run_ppo
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
+@pytest.mark.slow  # the suite's 25-minute budget; test_lr_schedule.py checks the schedules themselves
 def test_policy_cosine_schedule_ends_at_min_lr_after_critic_warmup(tmp_path, tiny_path):
     # 2 iterations, the first the critic's warm-up; 4 prompts x 2 samples in mini-batches of 4:
     # the policy takes 2 optimizer steps, all in iteration 2 (the critic 4, two per iteration).

@@ -219,12 +219,13 @@ def test_each_batch_key_draws_its_own_streams_and_reproduces_them(policy, pool):
     assert sum(a != b for a, b in zip(ids(it1), ids(it2))) >= len(it1) // 2
 
 
-def test_frozen_engine_fails_generate_with_its_name_within_the_deadline(tiny_path):
+def test_frozen_engine_fails_generate_with_its_name_within_the_deadline_when_elasticity_is_off(tiny_path):
     """SIGSTOP from outside freezes the engine's process: generate raises CallTimeout naming
     the engine and the call after call_timeout_s, instead of hanging the driver."""
     import time
 
-    p = RolloutPool(RolloutConfig(num_engines=1, cpus_per_engine=0.25, call_timeout_s=5), tiny_path, name="frozen")
+    p = RolloutPool(RolloutConfig(num_engines=1, cpus_per_engine=0.25, call_timeout_s=5, elastic={"enabled": False}),
+                    tiny_path, name="frozen")
     pid = p._info[0]["pid"]
     try:
         os.kill(pid, signal.SIGSTOP)
@@ -235,6 +236,30 @@ def test_frozen_engine_fails_generate_with_its_name_within_the_deadline(tiny_pat
         assert time.monotonic() - t < 60  # the deadline, not a collective's 300 s or forever
     finally:
         os.kill(pid, signal.SIGKILL)
+        p.shutdown()
+
+
+def test_frozen_engine_is_killed_at_its_deadline_and_its_chunks_generated_by_the_other(tiny_path):
+    """With elasticity on (the default), a generate chunk past its deadline whose engine does not
+    answer a ping gets the engine killed (SIGSTOP freezes it from outside) and the chunk requeued:
+    the batch completes on the other engine, with the samples an undisturbed batch has."""
+    import psutil
+
+    p = RolloutPool(RolloutConfig(num_engines=2, cpus_per_engine=0.25, call_timeout_s=30, chunk_size=2,
+                                  restart_dead=False, elastic={"hang_grace_s": 3, "hang_factor": 3, "ping_timeout_s": 2}),
+                    tiny_path, name="frozen2")
+    try:
+        undisturbed = p.generate(PROMPTS, GREEDY)
+        pid = p._info[1]["pid"]
+        frozen = psutil.Process(pid)
+        os.kill(pid, signal.SIGSTOP)
+        out = p.generate(PROMPTS, GREEDY)
+        assert [x.response_ids for x in out] == [x.response_ids for x in undisturbed]
+        assert p.requeued >= 1 and p._alive() == [0]
+        assert [e["kind"] for e in p.take_events()] == ["hang"]
+        # killed (a later process may reuse the pid: is_running compares creation times)
+        assert not frozen.is_running() or frozen.status() == psutil.STATUS_ZOMBIE
+    finally:
         p.shutdown()
 
 

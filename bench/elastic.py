@@ -1,0 +1,213 @@
+"""Recovery from a killed rank: rayllm's elastic ModelGroup against Ray Train v2, in one run, on the
+same model, batch, optimizer and fault (SIGKILL of rank 1's process from outside it at step k).
+
+    python bench/elastic.py [--steps 30] [--kill-step 10] [--chaos-s 300] [--chaos-every-s 60] [--json out.json]
+
+Arms:
+- rayllm, fault-free and killed at step k: 2 ranks at ZeRO-0 (DDP's layout) and, as an extra arm,
+  ZeRO-2. Kill -> the next committed step: detection, eviction, re-formation with state from the
+  survivor's RAM and the retried step (the replacement joins later, in the background).
+- Ray Train v2 (bench/_raytrain_elastic.py): TorchTrainer + FailureConfig, a checkpoint every
+  `--checkpoint-every` steps, killed the same way: it restarts every worker and resumes from the
+  checkpoint. Its controller poll is tuned to 0.05 s (2 s by default would cap it at a step per 2 s).
+- Chaos: rayllm trains for `--chaos-s` seconds with one kill every `--chaos-every-s` seconds (rank 1
+  and rank 0 in turn); samples/s as a share of a fault-free run's, and the loss trajectory against a
+  fault-free run of the same steps (a lost or repeated sample would change it).
+
+Goals (issue 14): recovery <= 5 s, >= 5x faster than Ray Train, >= 90% of fault-free throughput under
+chaos, 0 samples lost or duplicated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def make_rows(n: int, seq: int, vocab: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"input_ids": [rng.randrange(10, vocab) for _ in range(seq)], "loss_mask": [1] * seq} for _ in range(n)]
+
+
+def _group(path: str, zero: int, lr: float, chaos=()):
+    from rayllm.config import GroupConfig
+    from rayllm.group import ModelGroup
+
+    cfg = GroupConfig(num_ranks=2, zero_stage=zero, micro_batch_size=4, chaos=list(chaos),
+                      optimizer={"lr": lr, "scheduler": "constant"})
+    return ModelGroup("bench/policy", cfg, path)
+
+
+def rayllm_arm(path: str, rows: list[dict], steps: int, kill_step: int | None, zero: int, lr: float) -> dict:
+    """Steps on the same batch; with kill_step, rank 1 is SIGKILLed 0.05 s into that step."""
+    chaos = [{"rank": 1, "step": kill_step, "kind": "kill", "after_s": 0.05}] if kill_step else []
+    g = _group(path, zero, lr, chaos)
+    try:
+        t0, done, losses = time.time(), [], []
+        for _ in range(steps):
+            losses.append(g.train_step(rows)["loss"])
+            done.append(time.time())
+        wall = time.time() - t0
+        out = {"wall_s": wall, "losses": losses, "step_s_median": statistics.median(
+            b - a for a, b in zip([t0] + done[:-1], done))}
+        if kill_step:
+            (fired,) = g._chaos.fired
+            kill = fired["sent_at"]
+            events = g.take_events()
+            fault = next(e for e in events if e["event"] == "fault")
+            out.update(kill_to_next_step_s=min(t for t in done if t > kill) - kill, detect_s=fault["detect_s"],
+                       recover_s=fault["recover_s"], world_size_after_fault=fault["world_size_after"])
+            g.wait_for_replacements(180)
+            join = [e for e in events + g.take_events() if e["event"] == "join"]
+            out["replacement_join_s"] = join[0]["join_s"] if join else None
+        return out
+    finally:
+        g.shutdown()
+
+
+def chaos_arm(path: str, rows_of, seconds: float, every_s: float, zero: int, lr: float) -> dict:
+    """Train for `seconds` with a SIGKILL of one rank every `every_s` seconds (from a thread of this
+    process: the ranks are separate processes), replacements joining as they become ready."""
+    g = _group(path, zero, lr)
+    stop, kills = threading.Event(), []
+
+    def killer():
+        victim = 1
+        while not stop.wait(every_s):
+            members = list(g.members)  # the group may be re-forming: a stale pid is simply gone
+            try:
+                os.kill(members[min(victim, len(members) - 1)].pid, signal.SIGKILL)
+                kills.append(time.time())
+            except (ProcessLookupError, IndexError):
+                pass
+            victim = 1 - victim
+
+    try:
+        g.train_step(rows_of(0))  # warm: the first step includes one-off setup on both arms
+        losses, t0 = [], time.time()
+        threading.Thread(target=killer, daemon=True).start()
+        while time.time() - t0 < seconds:
+            losses.append(g.train_step(rows_of(len(losses) + 1))["loss"])
+        wall = time.time() - t0
+        stop.set()
+        events = g.take_events()
+        return {"steps": len(losses), "wall_s": wall, "losses": losses, "kills": len(kills),
+                "faults": sum(e["event"] == "fault" for e in events),
+                "joins": sum(e["event"] == "join" for e in events)}
+    finally:
+        stop.set()
+        g.shutdown()
+
+
+def fault_free_run(path: str, rows_of, steps: int, zero: int, lr: float) -> dict:
+    g = _group(path, zero, lr)
+    try:
+        g.train_step(rows_of(0))
+        t0 = time.time()
+        losses = [g.train_step(rows_of(i + 1))["loss"] for i in range(steps)]
+        return {"steps": steps, "wall_s": time.time() - t0, "losses": losses}
+    finally:
+        g.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="tiny-1m")
+    ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--kill-step", type=int, default=10)
+    ap.add_argument("--checkpoint-every", type=int, default=5, help="Ray Train's checkpoint interval")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--chaos-s", type=float, default=300.0)
+    ap.add_argument("--chaos-every-s", type=float, default=60.0)
+    ap.add_argument("--json", dest="json_out")
+    a = ap.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from rayllm.env import apply_worker_env, worker_env
+
+    apply_worker_env()
+    import ray
+
+    from _raytrain_elastic import run_raytrain_arm
+    from rayllm.models import count_parameters, load_tokenizer, tiny_model_path
+
+    path = str(tiny_model_path(a.size))
+    vocab = len(load_tokenizer(path))
+    rows = make_rows(a.rows, a.seq, vocab, seed=0)
+    ray.init(num_cpus=4, object_store_memory=512 * 1024**2, log_to_driver=False, include_dashboard=False,
+             runtime_env={"env_vars": worker_env()})
+    res: dict = {"model": a.size, "model_params": count_parameters(path), "ranks": 2, "global_batch_rows": a.rows,
+                 "seq_len": a.seq, "steps": a.steps, "kill_step": a.kill_step}
+    try:
+        for zero in (0, 2):
+            free = rayllm_arm(path, rows, a.steps, None, zero, a.lr)
+            hit = rayllm_arm(path, rows, a.steps, a.kill_step, zero, a.lr)
+            p = f"rayllm_zero{zero}_"
+            res.update({p + "fault_free_wall_s": free["wall_s"], p + "kill_wall_s": hit["wall_s"],
+                        p + "step_s_median": free["step_s_median"],
+                        p + "kill_to_next_step_s": hit["kill_to_next_step_s"],
+                        p + "seconds_lost_vs_fault_free": hit["wall_s"] - free["wall_s"],
+                        p + "detect_s": hit["detect_s"], p + "recover_s": hit["recover_s"],
+                        p + "replacement_join_s": hit["replacement_join_s"],
+                        p + "loss_max_abs_diff_vs_fault_free": max(abs(x - y) for x, y in
+                                                                   zip(free["losses"], hit["losses"]))})
+        with tempfile.TemporaryDirectory() as store:
+            rt_free = run_raytrain_arm(path, rows, a.steps, None, a.checkpoint_every, a.lr, store)
+            rt_hit = run_raytrain_arm(path, rows, a.steps, a.kill_step, a.checkpoint_every, a.lr, store)
+        res.update({"raytrain_fault_free_wall_s": rt_free["raytrain_wall_s"],
+                    "raytrain_kill_wall_s": rt_hit["raytrain_wall_s"],
+                    "raytrain_kill_to_next_step_s": rt_hit["raytrain_kill_to_next_step_s"],
+                    "raytrain_seconds_lost_vs_fault_free": rt_hit["raytrain_wall_s"] - rt_free["raytrain_wall_s"],
+                    "raytrain_restarts": rt_hit["raytrain_restarts"], "raytrain_checkpoint_every": a.checkpoint_every,
+                    "raytrain_health_check_interval_s": 0.05})
+        res["recovery_ratio_raytrain_over_rayllm_zero0"] = (res["raytrain_kill_to_next_step_s"]
+                                                            / res["rayllm_zero0_kill_to_next_step_s"])
+        res["seconds_lost_ratio_raytrain_over_rayllm_zero0"] = (res["raytrain_seconds_lost_vs_fault_free"]
+                                                                / max(1e-9, res["rayllm_zero0_seconds_lost_vs_fault_free"]))
+        if a.chaos_s > 0:
+            rows_of = lambda i: make_rows(a.rows, a.seq, vocab, seed=i)  # noqa: E731 - a fresh batch per step
+            chaos = chaos_arm(path, rows_of, a.chaos_s, a.chaos_every_s, 2, a.lr)
+            free = fault_free_run(path, rows_of, chaos["steps"], 2, a.lr)
+            res.update({"chaos_seconds": chaos["wall_s"], "chaos_kills": chaos["kills"], "chaos_faults": chaos["faults"],
+                        "chaos_joins": chaos["joins"], "chaos_steps": chaos["steps"],
+                        "chaos_samples_per_s": chaos["steps"] * a.rows / chaos["wall_s"],
+                        "fault_free_samples_per_s": free["steps"] * a.rows / free["wall_s"],
+                        "chaos_loss_max_abs_diff_vs_fault_free": max(abs(x - y) for x, y in
+                                                                    zip(chaos["losses"], free["losses"]))})
+            res["chaos_throughput_ratio_vs_fault_free"] = res["chaos_samples_per_s"] / res["fault_free_samples_per_s"]
+    finally:
+        ray.shutdown()
+
+    print(f"\nelastic recovery, {a.size} ({res['model_params'] / 1e6:.1f}M params), 2 ranks, {a.rows} x {a.seq} "
+          f"tokens per step, SIGKILL of rank 1 at step {a.kill_step} of {a.steps}")
+    print(f"{'arm':<34}{'kill -> next step s':>20}{'s lost vs fault-free':>22}")
+    for name, key in (("rayllm ZeRO-0 (in-memory)", "rayllm_zero0"), ("rayllm ZeRO-2 (in-memory)", "rayllm_zero2"),
+                      (f"Ray Train v2 (ckpt every {a.checkpoint_every})", "raytrain")):
+        print(f"{name:<34}{res[key + '_kill_to_next_step_s']:>20.2f}{res[key + '_seconds_lost_vs_fault_free']:>22.2f}")
+    print(f"recovery ratio (Ray Train / rayllm ZeRO-0): {res['recovery_ratio_raytrain_over_rayllm_zero0']:.1f}x"
+          "   goal >= 5x, rayllm <= 5 s")
+    if "chaos_throughput_ratio_vs_fault_free" in res:
+        print(f"chaos: {res['chaos_kills']} kills in {res['chaos_seconds']:.0f} s, {res['chaos_samples_per_s']:.1f} "
+              f"samples/s vs {res['fault_free_samples_per_s']:.1f} fault-free = "
+              f"{res['chaos_throughput_ratio_vs_fault_free']:.3f} (goal >= 0.90); loss max |diff| vs the fault-free "
+              f"run of the same {res['chaos_steps']} steps: {res['chaos_loss_max_abs_diff_vs_fault_free']:.2e}")
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
