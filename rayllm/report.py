@@ -23,6 +23,8 @@ def plot_metrics(records: list[dict], out_dir: Path) -> list[Path]:
 
     series: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
     for r in records:
+        if "event" in r or "step" not in r:  # fault events are a table in the report, not a series
+            continue
         for k, v in r.items():
             if k not in ("step", "epoch", "stage") and isinstance(v, (int, float)) and not isinstance(v, bool):
                 series[(r.get("stage", "run"), k)].append((r["step"], v))
@@ -46,13 +48,29 @@ def plot_metrics(records: list[dict], out_dir: Path) -> list[Path]:
     return paths
 
 
+_EVENT_COLUMNS = ("stage", "event", "kind", "group", "rank", "call", "step", "detect_s", "recover_s", "world_size_after")
+
+
+def fault_table(records: list[dict]) -> list[str]:
+    """Markdown rows of the run's fault and join events (docs/elasticity.md); [] when none."""
+    events = [r for r in records if r.get("event") in ("fault", "join")]
+    if not events:
+        return []
+    cell = lambda v: "" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))  # noqa: E731
+    return (["## Faults and recoveries", "", "| " + " | ".join(_EVENT_COLUMNS) + " |",
+             "|" + "---|" * len(_EVENT_COLUMNS)]
+            + ["| " + " | ".join(cell(e.get(c)) for c in _EVENT_COLUMNS) + " |" for e in events] + [""])
+
+
 def write_report(run_dir: Path, summary: dict) -> Path:
-    plots = plot_metrics(read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots")
+    records = read_metrics(run_dir / "metrics.jsonl")
+    plots = plot_metrics(records, run_dir / "plots")
     lines = [f"# rayllm run `{summary.get('pipeline', run_dir.name)}`", ""]
     for st in summary.get("stages", []):
         lines.append(f"## {st['stage']}")
         lines += [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in st.items() if k != "stage"]
         lines.append("")
+    lines += fault_table(records)
     lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     path = run_dir / "report.md"
     write_text_atomic(path, "\n".join(lines) + "\n")

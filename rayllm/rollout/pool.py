@@ -261,7 +261,7 @@ class RolloutPool:
                 # An engine that does not answer a ping either is frozen: _dead kills it; requeue its chunks.
                 if self.cfg.elastic.enabled and self._dead([i], self.cfg.elastic.ping_timeout_s):
                     self.events.append({"event": "fault", "kind": "hang", "group": self.name, "rank": i,
-                                        "call": "generate", "detect_s": None})
+                                        "call": "generate", "step": self._calls["generate"], "detect_s": None})
                     for ref in [r for r, v in inflight.items() if v[2] is handle]:
                         todo.appendleft(inflight.pop(ref)[1])
                         self.requeued += 1
@@ -285,7 +285,7 @@ class RolloutPool:
                 self._timings.add("generate", time.monotonic() - started.pop(ready[0]))
             except _DEAD:
                 self.events.append({"event": "fault", "kind": "death", "group": self.name, "rank": i,
-                                    "call": "generate", "detect_s": None})
+                                    "call": "generate", "step": self._calls["generate"], "detect_s": None})
                 todo.appendleft(start)
                 self.requeued += 1
                 if self.engines[i] is handle:  # not yet replaced (its other chunks fail too)
@@ -350,7 +350,7 @@ class RolloutPool:
                     group.heal()  # its ranks tore down their process group when the channel broke
                 for i in self._dead(e.engines):
                     self.events.append({"event": "fault", "kind": "death", "group": self.name, "rank": i,
-                                        "call": "push", "detect_s": None})
+                                        "call": "push", "step": self._calls["push"], "detect_s": None})
                     self._lost(i)
 
     def _sync_object_store(self, group, lora: dict | None) -> dict:

@@ -25,7 +25,8 @@ class StageLog:
 
     def truncate_after(self, step: int) -> None:
         """Drop this stage's lines past `step` (all of them at step 0): a resumed stage writes them
-        again, so a crash and rerun leave each line once. Other stages' lines are kept."""
+        again, so a crash and rerun leave each line once. Other stages' lines and fault events
+        are kept."""
         if not self.path.is_file():
             return
         kept, dropped = [], 0
@@ -35,7 +36,8 @@ class StageLog:
             except json.JSONDecodeError:  # a line cut by a crash mid-write
                 dropped += 1
                 continue
-            if rec.get("stage") == self.stage and (step == 0 or rec.get("step", 0) > step):
+            # Fault events are kept: they happened, and a rerun does not write them again.
+            if rec.get("stage") == self.stage and "event" not in rec and (step == 0 or rec.get("step", 0) > step):
                 dropped += 1
                 continue
             kept.append(line)
