@@ -363,7 +363,7 @@ class RolloutPool:
         want = self._trainer_probe(group) if self.cfg.verify else None
         t2 = time.perf_counter()
         try:
-            self._gather(loads, alive, "load_weights")
+            self._push_gather(loads, alive, "load_weights")
         except _DEAD as e:
             raise _PushInterrupted(f"{self.name}: an engine died while loading weights: {_cause(e)}", alive) from None
         t3 = time.perf_counter()
@@ -418,7 +418,22 @@ class RolloutPool:
         return out
 
     def _gather(self, refs: list, engines: list[int], call: str) -> list:
-        return gather(refs, self.cfg.call_timeout_s, f"{self.name}: {call}", [f"engine {i}" for i in engines])
+        """gather with the call's deadline: rollout.elastic's factor x its median time + grace,
+        or call_timeout_s until it has been timed enough (rayllm.group.membership.Timings)."""
+        t = time.monotonic()
+        out = gather(refs, self._timings.deadline(call), f"{self.name}: {call}", [f"engine {i}" for i in engines])
+        self._timings.add(call, time.monotonic() - t)
+        return out
+
+    def _push_gather(self, refs: list, engines: list[int], call: str) -> list:
+        """_gather inside a weight push: an engine frozen past the deadline interrupts the push
+        (the sync loop kills and replaces the engines that do not answer, then pushes again)."""
+        try:
+            return self._gather(refs, engines, call)
+        except CallTimeout as e:
+            if not self.cfg.elastic.enabled:
+                raise
+            raise _PushInterrupted(f"{e}; checking which engines answer", engines) from None
 
     def _ensure_channel(self, group, alive: list[int]) -> None:
         """(Re)form the weight channel when the policy group or the set of engines changed."""
@@ -456,7 +471,10 @@ class RolloutPool:
     def verify(self, group) -> dict:
         """Compare every engine with the trainer on the probe batch; returns the statistics of
         the worst engine (see `_compare`) or raises SyncMismatch naming the first bad one."""
-        return self._compare(self._trainer_probe(group))
+        try:
+            return self._compare(self._trainer_probe(group))
+        except _PushInterrupted as e:  # outside a push there is nothing to retry
+            raise CallTimeout(str(e)) from None
 
     def _compare(self, want: list[np.ndarray]) -> dict:
         """Per engine, over every probe token: mean |delta log p|, the token probability error
@@ -466,7 +484,7 @@ class RolloutPool:
         alive = self._alive()
         refs = [self.engines[i].prompt_logprobs.remote(rows) for i in alive]
         self._fire("verify", self._calls["push"])
-        got = self._gather(refs, alive, "prompt_logprobs")
+        got = self._push_gather(refs, alive, "prompt_logprobs")
         want_flat = np.concatenate(want)
         per_engine, bad = {}, None
         for i, g in zip(alive, got):

@@ -257,8 +257,32 @@ def test_frozen_engine_is_killed_at_its_deadline_and_its_chunks_generated_by_the
         assert [x.response_ids for x in out] == [x.response_ids for x in undisturbed]
         assert p.requeued >= 1 and p._alive() == [0]
         assert [e["kind"] for e in p.take_events()] == ["hang"]
-        # killed (a later process may reuse the pid: is_running compares creation times)
-        assert not frozen.is_running() or frozen.status() == psutil.STATUS_ZOMBIE
+        # killed: the SIGKILL wakes the stopped process to die, which takes a moment
+        _, alive = psutil.wait_procs([frozen], timeout=15)
+        assert alive == []
+    finally:
+        p.shutdown()
+
+
+def test_engine_frozen_during_a_push_is_killed_replaced_and_the_push_verified_on_the_others(policy, tiny_path):
+    """SIGSTOP freezes engine 1 from outside; the push's load waits past its deadline
+    (call_timeout_s here, until loads have been timed), the engine that does not answer is
+    killed and replaced, and the push goes to engine 0 and is verified."""
+    import psutil
+
+    p = RolloutPool(RolloutConfig(num_engines=2, cpus_per_engine=0.25, call_timeout_s=10), tiny_path, name="pushfreeze")
+    try:
+        pid = p._info[1]["pid"]
+        frozen = psutil.Process(pid)
+        os.kill(pid, signal.SIGSTOP)
+        rep = p.sync(policy)
+        assert rep["engines_lost"] == 1 and rep["mean_gap"] < 1e-5 and rep["engines"] == 1
+        _, alive = psutil.wait_procs([frozen], timeout=15)  # killed (the SIGKILL wakes it to die)
+        assert alive == []
+        assert [(e["kind"], e["call"], e["rank"]) for e in p.take_events()] == [("death", "push", 1)]
+        p._wait_started(300)  # the replacement joins: it loaded the pushed weights, and is verified
+        assert p.verified_replacements == 1 and len(p._alive()) == 2
+        assert len(p.generate(PROMPTS, GREEDY)) == len(PROMPTS)
     finally:
         p.shutdown()
 
