@@ -37,11 +37,16 @@ class ModelWorker:
     def ready(self, model_path: str | None = None, kind: str = "causal_lm") -> bool:
         """Import what a rank needs (DeepSpeed, and the model's transformers classes, built once
         on the meta device), so a replacement is warm when it joins: a fresh process otherwise
-        spends seconds on imports inside the re-formation."""
+        spends seconds on imports inside the re-formation, where every rank waits for it."""
         import torch
 
         import rayllm.group.engine  # noqa: F401
 
+        try:  # DeepSpeed imports this in ZeRO's first optimizer check: it compiles Muon's kernels
+            # with torch.compile, pulling in inductor (1.6 s on this machine's core, inside the join)
+            import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+        except ImportError:
+            pass
         if model_path:
             from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
