@@ -11,8 +11,10 @@ Arms:
   `--checkpoint-every` steps, killed the same way: it restarts every worker and resumes from the
   checkpoint. Its controller poll is tuned to 0.05 s (2 s by default would cap it at a step per 2 s).
 - Chaos: rayllm trains for `--chaos-s` seconds with one kill every `--chaos-every-s` seconds (rank 1
-  and rank 0 in turn); samples/s as a share of a fault-free run's, and the loss trajectory against a
-  fault-free run of the same steps (a lost or repeated sample would change it).
+  and rank 0 in turn); samples/s as a share of fault-free runs' just before and after it, and the
+  loss trajectory against a fault-free run of the same steps (a lost or repeated sample would
+  change it).
+- Snapshot overhead: fault-free steps with elastic on and off, in alternating blocks.
 
 Goals (issue 14): recovery <= 5 s, >= 5x faster than Ray Train, >= 90% of fault-free throughput under
 chaos, 0 samples lost or duplicated.
@@ -41,13 +43,13 @@ def make_rows(n: int, seq: int, vocab: int, seed: int) -> list[dict]:
     return [{"input_ids": [rng.randrange(10, vocab) for _ in range(seq)], "loss_mask": [1] * seq} for _ in range(n)]
 
 
-def _group(path: str, zero: int, lr: float, chaos=()):
+def _group(path: str, zero: int, lr: float, chaos=(), elastic: bool = True):
     from rayllm.config import GroupConfig
     from rayllm.group import ModelGroup
 
     cfg = GroupConfig(num_ranks=2, zero_stage=zero, micro_batch_size=4, chaos=list(chaos),
-                      optimizer={"lr": lr, "scheduler": "constant"})
-    return ModelGroup("bench/policy", cfg, path)
+                      optimizer={"lr": lr, "scheduler": "constant"}, elastic={"enabled": elastic})
+    return ModelGroup("bench/policy" if elastic else "bench/policy-inelastic", cfg, path)
 
 
 def rayllm_arm(path: str, rows: list[dict], steps: int, kill_step: int | None, zero: int, lr: float) -> dict:
@@ -115,15 +117,41 @@ def chaos_arm(path: str, rows_of, seconds: float, every_s: float, zero: int, lr:
         g.shutdown()
 
 
-def fault_free_run(path: str, rows_of, steps: int, zero: int, lr: float) -> dict:
+def fault_free_run(path: str, rows_of, zero: int, lr: float, steps: int | None = None,
+                   seconds: float | None = None) -> dict:
+    """`steps` steps, or as many as fit in `seconds`."""
     g = _group(path, zero, lr)
     try:
         g.train_step(rows_of(0))
-        t0 = time.time()
-        losses = [g.train_step(rows_of(i + 1))["loss"] for i in range(steps)]
-        return {"steps": steps, "wall_s": time.time() - t0, "losses": losses}
+        t0, losses = time.time(), []
+        while (len(losses) < steps) if steps is not None else (time.time() - t0 < seconds):
+            losses.append(g.train_step(rows_of(len(losses) + 1))["loss"])
+        return {"steps": len(losses), "wall_s": time.time() - t0, "losses": losses}
     finally:
         g.shutdown()
+
+
+def snapshot_overhead_arm(path: str, rows_of, zero: int, lr: float, blocks: int = 6, block_steps: int = 50) -> dict:
+    """What elasticity costs a fault-free step (each rank's snapshot after the step and the
+    neighbour's copy of it): two groups, elastic on and off, trained in alternating blocks of
+    steps on the same batches, so drift in the machine's speed hits both alike."""
+    on, off = _group(path, zero, lr), _group(path, zero, lr, elastic=False)
+    try:
+        spent = {"on": 0.0, "off": 0.0}
+        for g in (on, off):
+            g.train_step(rows_of(0))
+        for b in range(blocks):
+            for key, g in (("on", on), ("off", off)) if b % 2 == 0 else (("off", off), ("on", on)):
+                t0 = time.perf_counter()
+                for i in range(block_steps):
+                    g.train_step(rows_of(b * block_steps + i + 1))
+                spent[key] += time.perf_counter() - t0
+        n = blocks * block_steps
+        return {"elastic_on_step_s": spent["on"] / n, "elastic_off_step_s": spent["off"] / n,
+                "overhead_steps": n}
+    finally:
+        on.shutdown()
+        off.shutdown()
 
 
 def recovery_arms(path: str, rows: list[dict], a) -> dict:
@@ -170,6 +198,8 @@ def main() -> None:
     ap.add_argument("--chaos-s", type=float, default=300.0)
     ap.add_argument("--chaos-every-s", type=float, default=60.0)
     ap.add_argument("--only-chaos", action="store_true", help="skip the recovery arms")
+    ap.add_argument("--overhead-blocks", type=int, default=6,
+                    help="alternating blocks of 50 steps, elastic on and off, for the snapshot overhead (0: skip)")
     ap.add_argument("--json", dest="json_out")
     a = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -193,8 +223,11 @@ def main() -> None:
             res.update(recovery_arms(path, rows, a))
         if a.chaos_s > 0:
             rows_of = lambda i: make_rows(a.rows, a.seq, vocab, seed=i)  # noqa: E731 - a fresh batch per step
+            # Fault-free runs before and after the chaos run: the baseline is their combined rate, so
+            # drift in the machine's speed over the run does not favour either side.
+            before = fault_free_run(path, rows_of, 2, a.lr, seconds=a.chaos_s / 2)
             chaos = chaos_arm(path, rows_of, a.chaos_s, a.chaos_every_s, 2, a.lr)
-            free = fault_free_run(path, rows_of, chaos["steps"], 2, a.lr)
+            free = fault_free_run(path, rows_of, 2, a.lr, steps=chaos["steps"])
             diffs = [abs(x - y) for x, y in zip(chaos["losses"], free["losses"])]
             k = chaos["first_fault_step"] or len(diffs)
             res.update({"chaos_seconds": chaos["wall_s"], "chaos_kills": chaos["kills"], "chaos_faults": chaos["faults"],
@@ -206,10 +239,20 @@ def main() -> None:
                         "chaos_loss_max_abs_diff_before_first_fault": max(diffs[:k], default=0.0),
                         "chaos_loss_max_abs_diff_20_steps_after_first_fault": max(diffs[k: k + 20], default=0.0),
                         "chaos_samples_per_s": chaos["steps"] * a.rows / chaos["wall_s"],
-                        "fault_free_samples_per_s": free["steps"] * a.rows / free["wall_s"],
+                        "fault_free_before_samples_per_s": before["steps"] * a.rows / before["wall_s"],
+                        "fault_free_after_samples_per_s": free["steps"] * a.rows / free["wall_s"],
+                        "fault_free_samples_per_s": ((before["steps"] + free["steps"]) * a.rows
+                                                     / (before["wall_s"] + free["wall_s"])),
                         "chaos_loss_max_abs_diff_vs_fault_free": max(abs(x - y) for x, y in
                                                                     zip(chaos["losses"], free["losses"]))})
             res["chaos_throughput_ratio_vs_fault_free"] = res["chaos_samples_per_s"] / res["fault_free_samples_per_s"]
+        if a.overhead_blocks > 0:
+            o = snapshot_overhead_arm(path, lambda i: make_rows(a.rows, a.seq, vocab, seed=i), 2, a.lr,
+                                      a.overhead_blocks)
+            res.update({"zero2_elastic_on_step_s": o["elastic_on_step_s"],
+                        "zero2_elastic_off_step_s": o["elastic_off_step_s"],
+                        "overhead_steps_per_arm": o["overhead_steps"],
+                        "snapshot_overhead_step_time_ratio_on_over_off": o["elastic_on_step_s"] / o["elastic_off_step_s"]})
     finally:
         ray.shutdown()
 
@@ -230,6 +273,10 @@ def main() -> None:
               f"{res['chaos_loss_max_abs_diff_before_first_fault']:.1e} before the first fault, "
               f"{res['chaos_loss_max_abs_diff_20_steps_after_first_fault']:.1e} in the 20 steps after it, "
               f"{res['chaos_loss_max_abs_diff_vs_fault_free']:.1e} over all")
+    if "snapshot_overhead_step_time_ratio_on_over_off" in res:
+        print(f"snapshot overhead (ZeRO-2, fault-free): {res['zero2_elastic_on_step_s'] * 1e3:.1f} ms per step elastic "
+              f"vs {res['zero2_elastic_off_step_s'] * 1e3:.1f} ms without = "
+              f"{res['snapshot_overhead_step_time_ratio_on_over_off']:.3f}x")
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(res, indent=2) + "\n")
 

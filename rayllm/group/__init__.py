@@ -1,4 +1,5 @@
 """Model groups: one model role per group, N Ray actors, one DeepSpeed rank each."""
 from rayllm.group.model_group import ModelGroup, Placement
+from rayllm.group.recovery import StateLost
 
-__all__ = ["ModelGroup", "Placement"]
+__all__ = ["ModelGroup", "Placement", "StateLost"]

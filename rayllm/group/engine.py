@@ -9,7 +9,6 @@ import os
 import sys
 import time
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from rayllm.env import apply_worker_env

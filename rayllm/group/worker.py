@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Any
-
 import ray
 
 from rayllm.env import apply_worker_env
@@ -108,8 +106,36 @@ class ModelWorker:
         sd = self._guarded(self.engine.full_state_dict, adapter_only)
         return None if sd is None else [ray.put(sd)]
 
-    def call(self, method: str, *args, **kwargs) -> Any:
-        return self._guarded(getattr(self.engine, method), *args, **kwargs)
+    # ---- the rank's calls, typed: a misspelt method fails at the driver's call site --------------
+    def eval_loss(self, shards: list) -> dict[str, float]:
+        return self._guarded(self.engine.eval_loss, shards)
+
+    def logprobs(self, shards: list, temperature: float = 1.0) -> list:
+        return self._guarded(self.engine.logprobs, shards, temperature)
+
+    def values(self, shards: list) -> list:
+        return self._guarded(self.engine.values, shards)
+
+    def scores(self, shards: list) -> list:
+        return self._guarded(self.engine.scores, shards)
+
+    def save_hf(self, path: str) -> None:
+        return self._guarded(self.engine.save_hf, path)
+
+    def param_stats(self) -> dict[str, int]:
+        return self._guarded(self.engine.param_stats)
+
+    def weight_meta(self) -> list:
+        return self._guarded(self.engine.weight_meta)
+
+    def lora_merge_spec(self) -> dict | None:
+        return self._guarded(self.engine.lora_merge_spec)
+
+    def open_channel(self, spec_json: str) -> None:
+        return self._guarded(self.engine.open_channel, spec_json)
+
+    def broadcast_weights(self) -> dict[str, float]:
+        return self._guarded(self.engine.broadcast_weights)
 
     def _guarded(self, fn, *args, **kwargs):
         if self.engine is None:

@@ -4,6 +4,9 @@ The actor sets the engine's environment before vLLM is imported: in-process exec
 tensor parallelism 1 (no child processes to orphan), an explicit KV-cache size on CPU (vLLM
 otherwise reserves most of the RAM), its compile cache under rayllm's cache directory (warm
 after the first run), and a private TMPDIR that `close` removes, so runs leave nothing behind.
+
+`ping` runs on its own thread (the "control" concurrency group), so the driver can tell an engine
+blocked in a weight broadcast (answers) from one whose process is frozen (does not).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import time
 import ray
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"control": 1})
 class RolloutEngine:
     def __init__(self, index: int, model_path: str, tokenizer_path: str, cfg_json: str):
         from rayllm.config import RolloutConfig
@@ -45,6 +48,10 @@ class RolloutEngine:
         self.chunks = 0
         self._die_at: int | None = None
         self._corrupt_loads = 0
+
+    @ray.method(concurrency_group="control")
+    def ping(self) -> int:
+        return os.getpid()
 
     def info(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}

@@ -169,13 +169,13 @@ class PPOTrainer:
         sample_recs = [records[x.prompt_index] for x in samples]
         g = self.groups
         temp = s.temperature if s.temperature > 0 else 1.0
-        pending = {"ref": g["reference"].forward_async("logprobs", rows, temperature=temp)}
+        pending = {"ref": g["reference"].logprobs_async(rows, temp)}
         if a.behavior_logprobs == "trainer":
-            pending["old"] = g["policy"].forward_async("logprobs", rows, temperature=temp)
+            pending["old"] = g["policy"].logprobs_async(rows, temp)
         if "critic" in g:
-            pending["values"] = g["critic"].forward_async("values", rows)
+            pending["values"] = g["critic"].values_async(rows)
         if "reward" in g:
-            pending["scores"] = g["reward"].forward_async("scores", rows)
+            pending["scores"] = g["reward"].scores_async(rows)
         res = {k: p.result() for k, p in pending.items()}  # the groups run concurrently
         if self.reward_fn is not None:
             res["scores"] = [float(self.reward_fn(t, r)) for t, r in zip(texts, sample_recs)]

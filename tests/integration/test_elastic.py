@@ -9,7 +9,7 @@ import torch
 
 from rayllm.config import GroupConfig
 from rayllm.group import ModelGroup
-from rayllm.group.model_group import StateLost
+from rayllm.group import StateLost
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

@@ -83,3 +83,39 @@ def test_a_rank_of_every_group_and_an_engine_in_generate_push_and_verify_killed_
     # Every push that the run made was verified, the interrupted ones again after the retry.
     assert all(m["sync_mean_gap"] < 1e-3 for m in steps)
     assert sum(m.get("sync_engines_lost", 0) for m in steps) >= 2
+
+
+KILL = {"kind": "kill", "after_s": 0.05}
+ONE_AT_A_TIME = {  # one fault per run: where it lands is in the comment of the combined test above
+    "policy_rank": {"policy": [{"rank": 1, "step": 2, **KILL}]},
+    "critic_rank": {"critic": [{"rank": 1, "step": 7, **KILL}]},
+    "reference_rank": {"reference": [{"rank": 0, "step": 3, "call": "logprobs", **KILL}]},
+    "reward_rank": {"reward": [{"rank": 0, "step": 4, "call": "scores", **KILL}]},
+    "engine_in_generate": {"engines": [{"rank": 0, "step": 3, "call": "generate", **KILL}]},
+    "engine_in_push": {"engines": [{"rank": 1, "step": 1, "call": "push", "kind": "kill"}]},
+    "engine_in_verify": {"engines": [{"rank": 0, "step": 2, "call": "verify", "kind": "kill"}]},
+}
+
+
+@pytest.fixture(scope="module")
+def fault_free_lines(tmp_path_factory, tiny_path):
+    return _run(_stage(), tmp_path_factory.mktemp("ppo_free"), tiny_path)
+
+
+@pytest.mark.slow  # 7 runs of ~1 min; the combined run above keeps every one of these faults in make test
+@pytest.mark.parametrize("where", list(ONE_AT_A_TIME))
+def test_one_fault_per_run_the_run_completes_equal_to_the_fault_free_with_each_prompt_once(
+        where, fault_free_lines, tmp_path, tiny_path):
+    faults = ONE_AT_A_TIME[where]
+    lines = _run(_stage(**faults), tmp_path, tiny_path)
+    got, expected = _trajectory(lines), _trajectory(fault_free_lines)
+    assert len(got) == len(expected) == ITERATIONS
+    for g, e in zip(got, expected):
+        for k in KEYS:
+            assert g[k] == pytest.approx(e[k], rel=1e-4, abs=1e-5), k
+    group = {"policy": "ppo/policy", "critic": "ppo/critic", "reference": "ppo/reference", "reward": "ppo/reward",
+             "engines": "ppo/rollout"}[next(iter(faults))]
+    assert [(f["group"], f["kind"]) for f in lines if f.get("event") == "fault"] == [(group, "death")]
+    steps = [m for m in lines if "reward" in m and m.get("step", 0) >= 1]
+    assert [m["sample_ids"] for m in steps] == [list(range(8 * i, 8 * i + 8)) for i in range(ITERATIONS)]
+    assert all(m["sync_mean_gap"] < 1e-3 for m in steps)

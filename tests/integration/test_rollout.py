@@ -264,19 +264,27 @@ def test_frozen_engine_is_killed_at_its_deadline_and_its_chunks_generated_by_the
         p.shutdown()
 
 
-def test_engine_frozen_during_a_push_is_killed_replaced_and_the_push_verified_on_the_others(policy, tiny_path):
-    """SIGSTOP freezes engine 1 from outside; the push's load waits past its deadline
-    (call_timeout_s here, until loads have been timed), the engine that does not answer is
-    killed and replaced, and the push goes to engine 0 and is verified."""
+@pytest.mark.parametrize("transport", ["object_store", "collective"])
+def test_engine_frozen_during_a_push_is_killed_replaced_and_the_push_verified_on_the_others(policy, tiny_path,
+                                                                                            transport):
+    """SIGSTOP freezes engine 1 from outside; the push (its load, or the gloo broadcast, which
+    blocks every member on the frozen one) waits past its deadline (call_timeout_s here, until
+    pushes have been timed), the engine that does not answer a ping is killed and replaced, the
+    policy group re-forms if the broadcast broke it, and the push goes to engine 0 and is verified."""
     import psutil
 
-    p = RolloutPool(RolloutConfig(num_engines=2, cpus_per_engine=0.25, call_timeout_s=10), tiny_path, name="pushfreeze")
+    p = RolloutPool(RolloutConfig(num_engines=2, cpus_per_engine=0.25, call_timeout_s=10, weight_transport=transport),
+                    tiny_path, name="pushfreeze")
     try:
+        if transport == "collective":
+            p.sync(policy)  # the channel is formed: the freeze hits the broadcast itself
         pid = p._info[1]["pid"]
         frozen = psutil.Process(pid)
         os.kill(pid, signal.SIGSTOP)
+        _train(policy, steps=1)
         rep = p.sync(policy)
         assert rep["engines_lost"] == 1 and rep["mean_gap"] < 1e-5 and rep["engines"] == 1
+        assert rep["transport"] == transport
         _, alive = psutil.wait_procs([frozen], timeout=15)  # killed (the SIGKILL wakes it to die)
         assert alive == []
         assert [(e["kind"], e["call"], e["rank"]) for e in p.take_events()] == [("death", "push", 1)]

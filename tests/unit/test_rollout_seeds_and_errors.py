@@ -1,7 +1,7 @@
-"""Sampling streams (stream_seed) and how an engine's error is reported (_cause)."""
+"""Sampling streams (stream_seed) and how an engine's error is reported (rayllm.rollout.errors.cause)."""
 import logging
 
-from rayllm.rollout.pool import _cause
+from rayllm.rollout.errors import cause
 from rayllm.rollout.sample import stream_seed
 
 
@@ -28,7 +28,7 @@ def test_cause_keeps_the_type_and_first_meaningful_lines_and_logs_the_rest(caplo
             "\n"
             "See root cause above.")
     with caplog.at_level(logging.ERROR, logger="rayllm.rollout"):
-        out = _cause(_EngineCoreError(text))
+        out = cause(_EngineCoreError(text))
     assert out.startswith("_EngineCoreError: ValueError: model config.json is not a valid JSON file")
     assert "while parsing /models/x/config.json" in out and out.endswith("See root cause above.")
     assert "Traceback" not in out and "raise ValueError" not in out and "^^^" not in out
@@ -39,7 +39,7 @@ def test_cause_of_a_ray_error_is_its_cause():
     class Wrapped(Exception):
         cause = KeyError("lm_head.weight")
 
-    assert _cause(Wrapped("ray wrapper text")) == "KeyError: 'lm_head.weight'"
+    assert cause(Wrapped("ray wrapper text")) == "KeyError: 'lm_head.weight'"
 
 
 class ActorDiedError(RuntimeError):
@@ -59,7 +59,7 @@ def test_cause_of_an_actor_start_up_error_shows_each_exception_and_the_final_one
             '  File "transformers/configuration_utils.py", line 700, in _get_config_dict\n'
             '    raise OSError(f"It looks like the config file at {file} is not a valid JSON file.")\n'
             "OSError: It looks like the config file at '/m/config.json' is not a valid JSON file.")
-    out = _cause(ActorDiedError(text))
+    out = cause(ActorDiedError(text))
     assert out == ("ActorDiedError: The actor died because of an error raised in its creation task | "
                    "json.decoder.JSONDecodeError: Expecting property name enclosed in double quotes: line 1 column 2 | "
                    "OSError: It looks like the config file at '/m/config.json' is not a valid JSON file.")
