@@ -107,6 +107,37 @@ def snapshot(engine, step_count: int) -> Snapshot:
     return {"params": params, "scalars": _scalars(engine, step_count)}
 
 
+def to_wire(snap: Snapshot) -> dict:
+    """The snapshot packed for the object store: every fragment in one flat fp32 numpy array, plus
+    the layout to cut it again. Ray pickles a torch tensor, and stores a numpy array with one copy
+    into shared memory, per array: one flat array instead of a dict of tensors took a 6 MB put
+    from 15 ms to a few here, against 2-3 ms for the copy the snapshot itself takes."""
+    import numpy as np
+
+    layout, parts, offset = [], [], 0
+    for name, frag in snap["params"].items():
+        meta = {k: v for k, v in frag.items() if not torch.is_tensor(v)}
+        keys = []
+        for k, v in frag.items():
+            if torch.is_tensor(v):
+                keys.append((k, offset, v.numel()))
+                parts.append(v.reshape(-1))
+                offset += v.numel()
+        layout.append((name, meta, keys))
+    flat = torch.cat(parts).numpy() if parts else np.zeros(0, dtype=np.float32)
+    return {"flat": flat, "layout": layout, "scalars": snap["scalars"]}
+
+
+def from_wire(wire: dict) -> Snapshot:
+    """A snapshot fetched from the object store, in this process's own memory (one copy out of the
+    read-only shared-memory view, so it outlives the rank that put it); fragments are views of it."""
+    import numpy as np
+
+    flat = torch.from_numpy(np.array(wire["flat"]))
+    params = {name: {**meta, **{k: flat[o: o + n] for k, o, n in keys}} for name, meta, keys in wire["layout"]}
+    return {"params": params, "scalars": wire["scalars"]}
+
+
 def assemble(snapshots: list[Snapshot], name: str) -> dict[str, torch.Tensor]:
     """The full flat tensors of one parameter ({"value", <state key>...}) from the fragments of
     every rank of one world size. Raises KeyError naming the parameter if some range is missing."""

@@ -71,7 +71,9 @@ class ModelWorker:
 
         self.engine = None  # a rebuild drops the old engine before the old group goes
         t = time.perf_counter()
-        snaps = ray.get(restore[0], timeout=600) if restore else None
+        from rayllm.group.state import from_wire
+
+        snaps = [from_wire(x) for x in ray.get(restore[0], timeout=600)] if restore else None
         cfg = GroupConfig.model_validate_json(cfg_json)
         init_process_group(rank, world_size, master[0], master[1], local[0], local[1],
                            rendezvous_timeout_s=cfg.elastic.rendezvous_timeout_s)
@@ -171,20 +173,17 @@ class ModelWorker:
         for the neighbour to copy ([reference], so Ray hands back the reference)."""
         snap = self.engine.snapshot()
         self._snapshots[(epoch, self.member_id, self.engine.step_count)] = snap
-        return [ray.put(snap)] if share else None
+        from rayllm.group.state import to_wire
+
+        return [ray.put(to_wire(snap))] if share else None
 
     def commit(self, epoch: int, step: int, peer: int, peer_ref: list | None) -> int:
         """Take the neighbour's snapshot of `step` (a copy in this process's memory, so it outlives
         the neighbour), and drop this epoch's snapshots older than the step before it."""
         if peer_ref is not None:
-            import torch
+            from rayllm.group.state import from_wire
 
-            snap = ray.get(peer_ref[0], timeout=600)
-            for frag in snap["params"].values():
-                for k, v in frag.items():
-                    if torch.is_tensor(v):
-                        frag[k] = v.clone()
-            self._snapshots[(epoch, peer, step)] = snap
+            self._snapshots[(epoch, peer, step)] = from_wire(ray.get(peer_ref[0], timeout=600))
         for key in [k for k in self._snapshots if k[0] == epoch and k[2] < step - 1]:
             del self._snapshots[key]
         return step
@@ -216,4 +215,6 @@ class ModelWorker:
 
     def share(self, keys: list[tuple[int, int, int]]) -> list:
         """The snapshots named, put in the object store (owned by this live rank), in order."""
-        return [ray.put(self._snapshots[tuple(k)]) for k in keys]
+        from rayllm.group.state import to_wire
+
+        return [ray.put(to_wire(self._snapshots[tuple(k)])) for k in keys]
