@@ -188,10 +188,7 @@ class ModelGroup(Recovery):
         if self._trainable:
             self.step = res[0]["step"]
             if self._share is not None:
-                # Redundancy for the new layout before the next step: every rank snapshots the
-                # state it rebuilt and its neighbour copies it.
-                refs = [w.snapshot_now.remote(self.epoch, self._share) for w in self.workers]
-                self._commit(self.step, self._wait(refs, "snapshot"))
+                self._snapshot_all()  # redundancy for the new layout before its first step
 
     @property
     def _share(self) -> bool | None:
@@ -234,7 +231,7 @@ class ModelGroup(Recovery):
 
         def launch(_attempt: int) -> list:
             shards = batching.plan(rows, self.world_size, self.cfg.micro_batch_size, self.pad_id)
-            refs = [m.actor.train_step.remote(s, global_count, loss, loss_kwargs, self.epoch, self.step, self._share,
+            refs = [m.actor.train_step.remote(s, global_count, loss, loss_kwargs, self.epoch, self.step, self._peer(r),
                                               inject=(_attempt == 0 and faults.get(r) is not None
                                                       and faults[r].kind == "raise"))
                     for r, (m, s) in enumerate(zip(self.members, shards))]
@@ -353,8 +350,7 @@ class ModelGroup(Recovery):
         if self._share is not None:
             # The loaded state is the committed one now: snapshot it, so a fault before the next
             # step has it to recover to.
-            refs = [w.snapshot_now.remote(self.epoch, self._share) for w in self.workers]
-            self._commit(self.step, self._wait(refs, "snapshot"))
+            self._snapshot_all()
         return meta
 
     def full_state_dict(self, adapter_only: bool = False) -> dict:

@@ -124,17 +124,11 @@ class Recovery:
             if all(o is not PENDING and not isinstance(o, Exception) for o in out):
                 self._timings.add(p.method, time.monotonic() - t)
                 value = p.finish(out)
-                if p.commit_step is None:
-                    return value
-                if self._share is None:  # no snapshots to exchange
+                if p.commit_step is not None:
+                    # Every rank returned, so every rank holds its own snapshot of the step and
+                    # its neighbour's (swapped inside the step): the step is committed.
                     self.step = p.commit_step
-                    return value
-                committed = self._try_commit(p.commit_step, [o["snapshot"] for o in out])
-                if committed:
-                    return value
-                if self.step == p.commit_step:  # the fault came after every rank took the step
-                    return value
-                continue
+                return value
             if not e.enabled:
                 self._raise_first(p.method, out, deadline)
             self._handle_fault(p.method, p.refs, out, deadline, time.monotonic() - t)
@@ -149,33 +143,18 @@ class Recovery:
         raise CallTimeout(f"group {self.name!r}: {method}: no answer within {deadline:g} s from "
                           f"{', '.join(late)} ({len(late)} of {len(out)} pending)")
 
-    def _try_commit(self, step: int, snapshot_refs: list) -> bool:
-        """Hand every rank its neighbour's snapshot of `step`; the step is committed when all have
-        taken it. False after a fault (handled: the group re-formed at the last complete step)."""
-        try:
-            self._commit(step, snapshot_refs)
-            return True
-        except _CommitFailed as f:
-            self._handle_fault("commit", f.refs, f.out, self.cfg.elastic.abort_timeout_s, upto=step)
-            return False
-
-    def _commit(self, step: int, snapshot_refs: list) -> None:
+    def _peer(self, r: int) -> int | None:
+        """The member whose snapshot rank r keeps: rank r+1's (None over one rank)."""
         n = len(self.members)
-        refs = []
-        for r, m in enumerate(self.members):
-            peer = self.members[(r + 1) % n]
-            share = snapshot_refs[(r + 1) % n] if n > 1 else None
-            refs.append(m.actor.commit.remote(self.epoch, step, peer.id, share))
-        out = settle(refs, self._timings.deadline("commit"), self.cfg.elastic.abort_timeout_s)
-        if any(o is PENDING or isinstance(o, Exception) for o in out):
-            if not self.cfg.elastic.enabled:
-                raise next((o for o in out if isinstance(o, Exception)),
-                           CallTimeout(f"group {self.name!r}: commit: no answer"))
-            raise _CommitFailed(refs, out)
-        self.step = step
+        return self.members[(r + 1) % n].id if n > 1 else None
 
-    def _handle_fault(self, method: str, refs: list, out: list, deadline: float, waited_s: float | None = None,
-                      upto: int | None = None) -> None:
+    def _snapshot_all(self) -> None:
+        """Every rank snapshots its current state and swaps it with its neighbours: redundancy for
+        a layout just formed or loaded, before its first step."""
+        self._wait([m.actor.snapshot_now.remote(self.epoch, self._peer(r)) for r, m in enumerate(self.members)],
+                   "snapshot")
+
+    def _handle_fault(self, method: str, refs: list, out: list, deadline: float, waited_s: float | None = None) -> None:
         """Classify what happened to each rank's call, evict the faulty, re-form over the rest."""
         e = self.cfg.elastic
         t_detect = time.time()
@@ -217,9 +196,9 @@ class Recovery:
                 "detect_s": round(t_detect - sent, 3) if sent else None,
                 "waited_s": None if waited_s is None else round(waited_s, 3), **({"error": why[m.id]} if m.id in why else {}),
             })
-        self._recover([m for m in members if m.id not in kinds], lost, t_detect, upto)
+        self._recover([m for m in members if m.id not in kinds], lost, t_detect)
 
-    def _recover(self, survivors: list[Member], lost: list[Member], t_detect: float, upto: int | None = None) -> None:
+    def _recover(self, survivors: list[Member], lost: list[Member], t_detect: float) -> None:
         """Re-form over the survivors with state from their snapshots; start replacements."""
         t0 = time.time()
         if self.cfg.elastic.replace:
@@ -237,7 +216,7 @@ class Recovery:
                 raise StateLost(f"group {self.name!r}: every rank was lost; resume from the last disk checkpoint")
             self.members = survivors
             try:
-                restore = self._sources(upto) if self._trainable else None
+                restore = self._sources() if self._trainable else None
                 self.setup(restore)
                 break
             except StateLost:
@@ -265,13 +244,13 @@ class Recovery:
         self.events.append({"event": "recovered", "group": self.name, "epoch": self.epoch, "step": self.step,
                             "world_size": self.world_size, "reform_s": round(time.time() - t0, 3)})
 
-    def _sources(self, upto: int | None = None) -> list:
+    def _sources(self) -> list:
         """References to the snapshots of every member of one epoch at one step, held by the
-        members now present: the latest complete set at or before step `upto` (default: the
-        committed step; a commit that failed part-way passes its own step, whose results are in
-        hand) (docs/elasticity.md). When each rank holds the whole state (ZeRO-0 in fp32), one
-        snapshot is enough. Raises StateLost."""
-        upto = self.step if upto is None else upto
+        members now present: the latest complete set at or before the committed step (a step some
+        ranks finished before a fault elsewhere is not committed, and is retried from this one)
+        (docs/elasticity.md). When each rank holds the whole state (ZeRO-0 in fp32), one snapshot
+        is enough. Raises StateLost."""
+        upto = self.step
         holdings = self._wait([m.actor.holdings.remote() for m in self.members], "holdings")
         held: dict[tuple[int, int, int], Member] = {}
         for m, keys in zip(self.members, holdings):
@@ -310,9 +289,3 @@ class Pending:
 
     def result(self):
         return self.group._resolve(self)
-
-
-class _CommitFailed(Exception):
-    def __init__(self, refs: list, out: list):
-        self.refs, self.out = refs, out
-

@@ -138,6 +138,52 @@ def from_wire(wire: dict) -> Snapshot:
     return {"params": params, "scalars": wire["scalars"]}
 
 
+class Exchange:
+    """Rank r hands its snapshot to rank r-1 and takes rank r+1's, rank to rank over a gloo group
+    of the ranks (host memory on every device), inside the step: no object store, and no second
+    round trip from the driver. The layout (names, ranges, keys) is sent only when it changed,
+    e.g. when ZeRO-1/2 link Adam's states at the first step; the shared scalars are the
+    receiver's own (every rank has the same step, schedule and loss scale)."""
+
+    def __init__(self, group, rank: int, world_size: int):
+        self.group, self.rank, self.world_size = group, rank, world_size
+        self._sent: bytes | None = None  # the layout last sent to rank r-1
+        self._peer_layout: list | None = None  # the layout rank r+1 last sent
+
+    def _sendrecv(self, send: list, recv: list) -> None:
+        """The i-th tensor sent pairs with the neighbour's i-th received (by tag, not by order)."""
+        import torch.distributed as dist
+
+        dst, src = (self.rank - 1) % self.world_size, (self.rank + 1) % self.world_size
+        reqs = ([dist.isend(t, dst, group=self.group, tag=i) for i, t in enumerate(send)]
+                + [dist.irecv(t, src, group=self.group, tag=i) for i, t in enumerate(recv)])
+        for r in reqs:
+            r.wait()
+
+    def swap(self, snap: Snapshot) -> Snapshot:
+        """Send `snap` to rank r-1; returns rank r+1's snapshot of the same step, in this process's memory."""
+        import json
+
+        wire = to_wire(snap)
+        layout = json.dumps(wire["layout"]).encode()
+        changed = layout != self._sent
+        header, peer_header = torch.tensor([wire["flat"].size, len(layout) if changed else 0]), torch.empty(2, dtype=torch.int64)
+        self._sendrecv([header], [peer_header])
+        n, m = (int(x) for x in peer_header)
+        peer_flat = torch.empty(n, dtype=torch.float32)
+        send = [torch.from_numpy(wire["flat"])] + ([torch.frombuffer(bytearray(layout), dtype=torch.uint8)] if changed else [])
+        recv = [peer_flat] + ([peer_layout := torch.empty(m, dtype=torch.uint8)] if m else [])
+        self._sendrecv(send, recv)
+        self._sent = layout
+        if m:
+            self._peer_layout = json.loads(bytes(peer_layout.numpy()))
+        if self._peer_layout is None:
+            raise RuntimeError("snapshot exchange: no layout from the neighbour")
+        return {"params": {name: {**meta, **{k: peer_flat[o: o + c] for k, o, c in keys}}
+                           for name, meta, keys in self._peer_layout},
+                "scalars": snap["scalars"]}
+
+
 def assemble(snapshots: list[Snapshot], name: str) -> dict[str, torch.Tensor]:
     """The full flat tensors of one parameter ({"value", <state key>...}) from the fragments of
     every rank of one world size. Raises KeyError naming the parameter if some range is missing."""

@@ -19,6 +19,7 @@ class ModelWorker:
     def __init__(self, member_id: int = 0) -> None:
         apply_worker_env()
         self.engine = None
+        self._exchange = None  # the snapshot swap with the neighbours (rayllm.group.state.Exchange)
         self.member_id = member_id
         # (epoch, member id, step) -> snapshot: this rank's own (its member id) and its neighbour's copy
         self._snapshots: dict[tuple[int, int, int], dict] = {}
@@ -69,7 +70,7 @@ class ModelWorker:
         from rayllm.config import GroupConfig
         from rayllm.group.engine import RankEngine, init_process_group
 
-        self.engine = None  # a rebuild drops the old engine before the old group goes
+        self.engine, self._exchange = None, None  # a rebuild drops the old engine before the old group goes
         t = time.perf_counter()
         from rayllm.group.state import from_wire
 
@@ -83,6 +84,15 @@ class ModelWorker:
             self._teardown()
             raise
         del snaps
+        self._exchange = None
+        if trainable and cfg.elastic.enabled:
+            import torch.distributed as dist
+
+            from rayllm.group.state import Exchange
+
+            # A gloo group on every device: snapshots live in host memory (NCCL would need them on GPU).
+            group = dist.new_group(backend="gloo") if world_size > 1 else None
+            self._exchange = Exchange(group, rank, world_size)
         from rayllm.group.state import is_replicated
 
         return {"step": self.engine.step_count, "setup_s": time.perf_counter() - t,
@@ -97,6 +107,7 @@ class ModelWorker:
         from rayllm.group.engine import close_process_group
 
         self.engine = None
+        self._exchange = None
         try:
             close_process_group()
         except Exception:  # noqa: BLE001 - a group broken by a dead peer may not close cleanly
@@ -150,10 +161,12 @@ class ModelWorker:
 
     # ---- elastic steps (docs/elasticity.md) ---------------------------------------------------
     def train_step(self, shards: list, global_count: int | None, loss: str, loss_kwargs: dict,
-                   epoch: int, committed: int, share: bool | None, inject: bool = False) -> dict:
-        """One optimizer step, then (unless `share` is None: elasticity off) a snapshot of the new
-        state kept here; with `share`, also put in the object store for the neighbour to copy. Every rank has committed step
-        `committed` of membership `epoch`: older snapshots are dropped."""
+                   epoch: int, committed: int, peer: int | None, inject: bool = False) -> dict:
+        """One optimizer step, then (with elasticity on) a snapshot of the new state kept here and
+        swapped with the neighbours: this rank's goes to rank r-1, and rank r+1's (member `peer`;
+        None over one rank) is kept here. A rank that returns holds both, so a step every rank
+        returned from is committed. Every rank has committed step `committed` of membership
+        `epoch`: older snapshots are dropped."""
         self._prune(epoch, committed)
         if inject:
             from rayllm.chaos import InjectedFault
@@ -162,31 +175,24 @@ class ModelWorker:
             self._teardown()
             raise InjectedFault(f"chaos: injected into rank {rank} (member {self.member_id})")
         out = self._guarded(self.engine.train_step, shards, global_count, loss=loss, **loss_kwargs)
-        out["snapshot"] = None if share is None else self.snapshot_now(epoch, share)
+        if self._exchange is not None:
+            t = time.perf_counter()
+            self.snapshot_now(epoch, peer)
+            out["snapshot_s"] = time.perf_counter() - t
         return out
 
     def engine_rank(self) -> int | None:
         return None if self.engine is None else self.engine.rank
 
-    def snapshot_now(self, epoch: int, share: bool) -> list | None:
-        """A snapshot of the current state, kept here and, with `share`, put in the object store
-        for the neighbour to copy ([reference], so Ray hands back the reference)."""
+    def snapshot_now(self, epoch: int, peer: int | None) -> None:
+        """A snapshot of the current state, kept here and swapped with the neighbours: this rank's
+        goes to rank r-1, and rank r+1's (member `peer`; None over one rank) is kept here. Every
+        rank calls it together (the swap is point to point between them)."""
         snap = self.engine.snapshot()
-        self._snapshots[(epoch, self.member_id, self.engine.step_count)] = snap
-        from rayllm.group.state import to_wire
-
-        return [ray.put(to_wire(snap))] if share else None
-
-    def commit(self, epoch: int, step: int, peer: int, peer_ref: list | None) -> int:
-        """Take the neighbour's snapshot of `step` (a copy in this process's memory, so it outlives
-        the neighbour), and drop this epoch's snapshots older than the step before it."""
-        if peer_ref is not None:
-            from rayllm.group.state import from_wire
-
-            self._snapshots[(epoch, peer, step)] = from_wire(ray.get(peer_ref[0], timeout=600))
-        for key in [k for k in self._snapshots if k[0] == epoch and k[2] < step - 1]:
-            del self._snapshots[key]
-        return step
+        step = self.engine.step_count
+        self._snapshots[(epoch, self.member_id, step)] = snap
+        if peer is not None:
+            self._snapshots[(epoch, peer, step)] = self._guarded(self._exchange.swap, snap)
 
     def _prune(self, epoch: int, committed: int) -> None:
         """Every rank holds its own and its neighbour's snapshot of (epoch, committed): drop the rest."""
