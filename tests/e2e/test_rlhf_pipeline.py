@@ -1,5 +1,5 @@
 """SFT -> reward model -> PPO as one pipeline: each stage consumes the one before, finished
-stages are skipped on rerun, and a changed stage reruns with what follows it (fast, tiny-1m).
+stages are skipped on rerun (fast, tiny-1m), and a changed stage reruns alone (slow tier).
 The demo itself, with its improvement in the ground-truth score, is the slow-tier test."""
 import json
 from pathlib import Path
@@ -56,7 +56,10 @@ def test_three_stages_chain_and_skip_when_finished(ray_cluster, tmp_path):
     assert all(s.get("skipped") for s in again["stages"])
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == len(metrics)
 
-    # A changed PPO stage reruns alone; the stages before it are still skipped.
+
+@pytest.mark.slow  # a whole pipeline and a PPO stage again; the hashes behind it are tested below, fast
+def test_a_changed_ppo_stage_reruns_alone_after_the_finished_stages(ray_cluster, tmp_path):
+    run_pipeline(load_pipeline(ROOT / "pipelines/rlhf_tiny.py", SMALL + [f"run_dir={tmp_path}"]), progress=False)
     before = {s: _done(tmp_path, s)["config_hash"] for s in ("sft", "reward", "ppo")}
     changed = load_pipeline(ROOT / "pipelines/rlhf_tiny.py", SMALL + [f"run_dir={tmp_path}", "ppo.algo.kl_coef=0.3"])
     third = run_pipeline(changed, progress=False)
