@@ -168,17 +168,26 @@ class WeightPush:
         key = (group.formation, tuple((i, self._launches[i]) for i in alive))
         if key == self._channel_key:
             return
-        workers = self._gather([self.engines[i].num_workers.remote() for i in alive], alive, "num_workers")
-        ep = group.channel_endpoint()
-        spec = {"host": ep["host"], "port": ep["port"], "backend": ep["backend"],
-                "world_size": 1 + sum(workers), "wire_dtype": self.cfg.dtype}
-        firsts = np.cumsum([1] + workers[:-1]).tolist()
+        # Every step of the channel's formation can meet a death: each is an interrupted push (the
+        # sync loop replaces what died, heals the group and pushes again). Members already waiting
+        # for a dead one give up after the channel's rendezvous timeout (rollout.elastic).
+        rendezvous_s = self.cfg.elastic.rendezvous_timeout_s
         try:
+            workers = self._gather([self.engines[i].num_workers.remote() for i in alive], alive, "num_workers")
+            ep = group.channel_endpoint()
+            spec = {"host": ep["host"], "port": ep["port"], "backend": ep["backend"], "world_size": 1 + sum(workers),
+                    "wire_dtype": self.cfg.dtype, "rendezvous_timeout_s": rendezvous_s}
+            firsts = np.cumsum([1] + workers[:-1]).tolist()
             gather([group.open_channel_ref(json.dumps(spec))] +
-                   [self.engines[i].open_channel.remote(spec, f) for i, f in zip(alive, firsts)], timeout_s=180)
+                   [self.engines[i].open_channel.remote(spec, f) for i, f in zip(alive, firsts)],
+                   timeout_s=rendezvous_s + 30)
         except DEAD as e:
-            raise PushInterrupted(f"{self.name}: an engine died while joining the weight channel: {cause(e)}",
-                                   alive, group_hit=True) from None
+            raise PushInterrupted(f"{self.name}: an engine or a {group.name} rank died while the weight channel "
+                                  f"formed: {cause(e)}", alive, group_hit=True) from None
+        except CallTimeout as e:
+            if not self.cfg.elastic.enabled:
+                raise
+            raise PushInterrupted(f"{e}; checking which engines and ranks answer", alive, group_hit=True) from None
         self._channel_key = key
 
     def probe(self) -> list[list[int]]:

@@ -32,7 +32,8 @@ class ChannelSpec:
     world_size: int  # 1 (the sender) + every receiving worker
     backend: str  # "gloo" (CPU) or "nccl" (GPU): chosen by device, the rest is the same code
     wire_dtype: str = "fp32"
-    timeout_s: float = 120.0
+    timeout_s: float = 120.0  # each broadcast
+    rendezvous_timeout_s: float = 120.0  # forming the channel: a member that died meanwhile never joins
 
 
 class Channel:
@@ -41,7 +42,10 @@ class Channel:
     def __init__(self, spec: ChannelSpec, rank: int):
         self.spec, self.rank = spec, rank
         timeout = timedelta(seconds=spec.timeout_s)
-        self.store = dist.TCPStore(spec.host, spec.port, spec.world_size, is_master=rank == 0, timeout=timeout)
+        # The store's timeout bounds the rendezvous (the group's construction waits on it for every
+        # member); the group's own bounds each collective.
+        self.store = dist.TCPStore(spec.host, spec.port, spec.world_size, is_master=rank == 0,
+                                   timeout=timedelta(seconds=spec.rendezvous_timeout_s))
         if spec.backend == "nccl":  # pragma: no cover - needs a GPU
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout

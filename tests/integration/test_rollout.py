@@ -295,6 +295,39 @@ def test_engine_frozen_during_a_push_is_killed_replaced_and_the_push_verified_on
         p.shutdown()
 
 
+@pytest.mark.slow  # 88 s (a vLLM replacement and the rendezvous timeout); the suite's 25-minute budget
+def test_engine_killed_while_the_weight_channel_forms_is_replaced_and_the_push_verified_on_the_other(
+        policy, tiny_path, caplog):
+    """The chaos hook SIGKILLs engine 1 from outside its process as the first collective push
+    begins, while the channel is being formed (no broadcast can start before every member joined).
+    The push is made again over a channel of engine 0 alone, once the members that waited for the
+    dead one gave up (rollout.elastic.rendezvous_timeout_s), and verified; the replacement joins
+    verified."""
+    import logging
+
+    import psutil
+
+    p = RolloutPool(RolloutConfig(num_engines=2, cpus_per_engine=0.25, weight_transport="collective",
+                                  elastic={"rendezvous_timeout_s": 10},
+                                  chaos=[{"rank": 1, "step": 1, "call": "push", "kind": "kill"}]),
+                    tiny_path, name="channelkill")
+    try:
+        victim = psutil.Process(p._info[1]["pid"])
+        with caplog.at_level(logging.WARNING, logger="rayllm.rollout"):
+            rep = p.sync(policy)
+        assert rep["transport"] == "collective" and rep["engines_lost"] == 1 and rep["engines"] == 1
+        assert rep["mean_gap"] < 1e-5
+        assert any("while the weight channel formed" in r.getMessage() for r in caplog.records)
+        assert [(e["kind"], e["call"], e["rank"]) for e in p.take_events()] == [("death", "push", 1)]
+        _, alive = psutil.wait_procs([victim], timeout=15)
+        assert alive == []
+        p._wait_started(300)
+        assert p.verified_replacements == 1 and len(p._alive()) == 2
+        assert len(p.generate(PROMPTS, GREEDY)) == len(PROMPTS)
+    finally:
+        p.shutdown()
+
+
 def test_seeded_batch_beyond_one_step_token_budget(pool):
     """vLLM rewinds a seeded request's generator when its prefill spans two engine steps, which
     CPU generators cannot do ("CPU Generator does not use offset" killed the engine). 2 prompts
