@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -83,6 +83,23 @@ class ElasticConfig(Strict):
     rendezvous_timeout_s: float = Field(30.0, gt=0)
     replace: bool = True  # start a new rank in the background for each one lost; it joins at a step boundary
     max_retries: int = Field(3, ge=0)  # attempts of one call after the first, before its error is raised
+    # Speed-proportional work (docs/heterogeneous.md): each rank's share of a call's batch follows
+    # its measured tokens per busy second, an EMA with weight `speed_ema` on the newest step; the
+    # split stays even while the fastest rank is within `balance_deadband` x the slowest.
+    balance: bool = True
+    speed_ema: float = Field(0.5, gt=0, le=1)
+    balance_deadband: float = Field(1.25, ge=1)
+    # Tests and benchmarks: rank index -> k makes that rank k times slower (it sleeps k - 1 times
+    # each micro-batch's busy time after it), as a slower device would be.
+    throttle: dict[int, float] = {}
+
+    @field_validator("throttle")
+    @classmethod
+    def _throttle_at_least_one(cls, v: dict[int, float]) -> dict[int, float]:
+        bad = {r: k for r, k in v.items() if k < 1 or r < 0}
+        if bad:
+            raise ValueError(f"throttle needs rank >= 0 and factor >= 1 (a rank k times slower); got {bad}")
+        return v
 
 
 class ChaosFault(Strict):

@@ -26,6 +26,7 @@ from rayllm.config import GroupConfig  # noqa: E402
 from rayllm.group.batching import materialize  # noqa: E402
 from rayllm.group.ds_config import bytes_per_rank, deepspeed_config, owns_gradients  # noqa: E402
 from rayllm.group.shm import release_shm  # noqa: E402
+from rayllm.group.speed import BusyTimer, comm_clock  # noqa: E402
 
 
 def _buckets(named: list, limit: int) -> list[list]:
@@ -42,6 +43,11 @@ def _buckets(named: list, limit: int) -> list[list]:
 
 
 _BUCKET_BYTES = 256 * 2**20  # per gathered bucket of a weight push
+
+
+def _work_tokens(micro_batches: list[dict]) -> int:
+    """Tokens a rank computed for real (fillers excluded): the work its speed is measured in."""
+    return sum(int(mb["attention_mask"].sum()) for mb in micro_batches if not mb.get("filler"))
 
 
 class ModelDoesNotFit(RuntimeError):
@@ -205,6 +211,8 @@ class RankEngine:
         if self._own_grads or (cfg.zero_stage == 0 and self.world_size == 1):
             self.engine.enable_backward_allreduce = False
         self.step_count = 0
+        self._throttle = float(cfg.elastic.throttle.get(self.rank, 1.0))
+        self.last_work = {"busy_s": 0.0, "work_tokens": 0}  # of the last forward call (speed.py)
         if restore and trainable:
             from rayllm.group.state import restore as restore_state
 
@@ -329,12 +337,15 @@ class RankEngine:
             global_tokens = int(n.item())
         loss_sum, tokens, stats = 0.0, 0, {}
         scale = self.world_size / max(1, global_tokens)
-        for mb in micro_batches:
-            s, n, extra = fn(self, mb, **loss_kwargs)
-            self.engine.backward(s * scale, scale_wrt_gas=False)
-            loss_sum, tokens = loss_sum + s.item(), tokens + n
-            for k, v in extra.items():
-                stats[k] = stats.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+        with comm_clock() as comm:
+            timer = BusyTimer(comm, self._throttle)
+            for mb in micro_batches:
+                with timer.micro_batch():
+                    s, n, extra = fn(self, mb, **loss_kwargs)
+                    self.engine.backward(s * scale, scale_wrt_gas=False)
+                loss_sum, tokens = loss_sum + s.item(), tokens + n
+                for k, v in extra.items():
+                    stats[k] = stats.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
         grad_norm = None
         if self._own_grads:
             if self.world_size > 1:
@@ -353,6 +364,7 @@ class RankEngine:
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": self.engine.get_lr()[0],
             "compute_s": time.perf_counter() - t0,
+            "busy_s": timer.busy_s, "work_tokens": _work_tokens(micro_batches),
         }
         if self.cfg.precision.dtype == "fp16":
             out["loss_scale"] = float(self.engine.optimizer.cur_scale if hasattr(self.engine.optimizer, "cur_scale")
@@ -360,42 +372,46 @@ class RankEngine:
         return out
 
     @torch.no_grad()
-    def eval_loss(self, micro_batches: list[dict]) -> dict[str, float]:
+    def _each(self, micro_batches: list[dict], fn) -> list:
+        """fn(micro-batch on the device) for each micro-batch, in eval mode, timed as busy seconds
+        (speed.py) into `last_work`."""
         self.engine.eval()
-        loss_sum, tokens = 0.0, 0
-        for mb in micro_batches:
-            mb = self._to_device(mb)
-            s, n = sft_loss(self._logits(mb), mb["input_ids"], mb["loss_mask"])
-            loss_sum, tokens = loss_sum + s.item(), tokens + n
-        return {"loss_sum": loss_sum, "tokens": tokens}
+        out, tokens = [], 0
+        with comm_clock() as comm:
+            timer = BusyTimer(comm, self._throttle)
+            for mb in micro_batches:
+                mb = self._to_device(mb)
+                tokens += _work_tokens([mb])
+                with timer.micro_batch():
+                    out.append(fn(mb))
+        self.last_work = {"busy_s": timer.busy_s, "work_tokens": tokens}
+        return out
 
-    @torch.no_grad()
+    def eval_loss(self, micro_batches: list[dict]) -> dict[str, float]:
+        res = self._each(micro_batches, lambda mb: sft_loss(self._logits(mb), mb["input_ids"], mb["loss_mask"]))
+        return {"loss_sum": sum(s.item() for s, _ in res), "tokens": sum(n for _, n in res)}
+
     def logprobs(self, micro_batches: list[dict], temperature: float = 1.0) -> list[torch.Tensor]:
         """Per-token log-probs of each next token, [B, T-1] per micro-batch, on CPU, under the
         sampling distribution softmax(logits / temperature) (temperature 0, greedy, counts as 1)."""
         from rayllm.algorithms import token_logprobs
 
-        self.engine.eval()
-        out = []
         t = temperature if temperature > 0 else 1.0
-        for mb in micro_batches:
-            mb = self._to_device(mb)
-            logits = self._logits(mb)[:, :-1].float()
-            out.append(token_logprobs(logits / t if t != 1.0 else logits, mb["input_ids"][:, 1:]).cpu())
-        return out
 
-    @torch.no_grad()
+        def one(mb):
+            logits = self._logits(mb)[:, :-1].float()
+            return token_logprobs(logits / t if t != 1.0 else logits, mb["input_ids"][:, 1:]).cpu()
+
+        return self._each(micro_batches, one)
+
     def values(self, micro_batches: list[dict]) -> list[torch.Tensor]:
         """Critic values per micro-batch, [B, T-1] each (see _values)."""
-        self.engine.eval()
-        return [self._values(self._to_device(mb)).cpu() for mb in micro_batches]
+        return self._each(micro_batches, lambda mb: self._values(mb).cpu())
 
-    @torch.no_grad()
     def scores(self, micro_batches: list[dict]) -> list[torch.Tensor]:
         """Reward-model scores per micro-batch, [B] each: the scalar head at each row's last
         non-padding token (the model's own pooling)."""
-        self.engine.eval()
-        return [self._logits(self._to_device(mb)).float().squeeze(-1).cpu() for mb in micro_batches]
+        return self._each(micro_batches, lambda mb: self._logits(mb).float().squeeze(-1).cpu())
 
     # ---- state --------------------------------------------------------------------------------
     def snapshot(self):

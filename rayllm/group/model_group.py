@@ -23,6 +23,7 @@ from rayllm.group import batching
 from rayllm.group.membership import Member, Timings
 from rayllm.group.recovery import Pending, Recovery
 from rayllm.group.shm import release_shm
+from rayllm.group.speed import SpeedBook
 from rayllm.group.worker import ModelWorker
 from rayllm.io import write_json_atomic, write_text_atomic
 from rayllm.remote import gather
@@ -130,6 +131,7 @@ class ModelGroup(Recovery):
         self._chaos = Chaos(name, cfg.chaos)
         e = cfg.elastic
         self._timings = Timings(e.hang_factor, e.hang_grace_s, e.min_samples, cfg.call_timeout_s)
+        self.speeds = SpeedBook(e.speed_ema, e.balance_deadband)  # per member, for shares of each call
         try:
             self.setup()
         except BaseException:
@@ -229,8 +231,11 @@ class ModelGroup(Recovery):
         target = self.step + 1
         faults = {f.rank: f for f in self._chaos.due("train_step", target)}
 
+        planned: list = []
+
         def launch(_attempt: int) -> list:
-            shards = batching.plan(rows, self.world_size, self.cfg.micro_batch_size, self.pad_id)
+            shards = self._plan("train_step", rows, lockstep=self.cfg.zero_stage >= 2,
+                                unit=2 if loss == "pairwise" else 1, planned=planned)
             refs = [m.actor.train_step.remote(s, global_count, loss, loss_kwargs, self.epoch, self.step, self._peer(r),
                                               inject=(_attempt == 0 and faults.get(r) is not None
                                                       and faults[r].kind == "raise"))
@@ -239,14 +244,45 @@ class ModelGroup(Recovery):
                 self._fire(faults)
             return refs
 
-        return Pending(self, "train_step", launch, _merge_steps, commit_step=target)
+        def finish(res: list) -> dict:
+            return {**_merge_steps(res), **self._record_speeds("train_step", planned[0], res)}
+
+        return Pending(self, "train_step", launch, finish, commit_step=target)
+
+    def _plan(self, kind: str, rows, lockstep: bool, unit: int = 1, planned: list | None = None) -> list:
+        """The batch cut over the members present, in proportion to their measured speeds when
+        elastic.balance is on (docs/heterogeneous.md); `planned` gets the members it was cut for."""
+        ids = [m.id for m in self.members]
+        shares = self.speeds.shares(kind, ids) if self.cfg.elastic.balance else None
+        if planned is not None:
+            planned[:] = [(ids, shares)]
+        return batching.plan(rows, self.world_size, self.cfg.micro_batch_size, self.pad_id, shares=shares,
+                             lockstep=lockstep, unit=unit)
+
+    def _record_speeds(self, kind: str, planned: tuple, work: list[dict]) -> dict:
+        """Each member's tokens per busy second into the speed book; the step's view of it: the
+        world size, each rank's share of the tokens computed and its speed."""
+        ids, _ = planned
+        for mid, w in zip(ids, work):
+            self.speeds.add(kind, mid, w["work_tokens"], w["busy_s"])
+        total = sum(w["work_tokens"] for w in work)
+        return {"world_size": len(ids),
+                "rank_shares": [round(w["work_tokens"] / max(1, total), 4) for w in work],
+                "rank_tokens_per_s": [round(w["work_tokens"] / w["busy_s"], 1) if w["busy_s"] > 0 else None
+                                      for w in work]}
 
     def eval_loss(self, rows: list[dict] | RowRefs) -> float:
+        planned: list = []
+
         def launch(_attempt: int) -> list:
-            shards = batching.plan(rows, self.world_size, self.cfg.micro_batch_size, self.pad_id)
+            shards = self._plan("eval_loss", rows, lockstep=self.cfg.zero_stage == 3, planned=planned)
             return [w.eval_loss.remote(s) for w, s in zip(self.workers, shards)]
 
-        res = self._call("eval_loss", launch, lambda r: r).result()
+        def finish(res: list) -> list:
+            self._record_speeds("eval_loss", planned[0], [w for _, w in res])
+            return [r for r, _ in res]
+
+        res = self._call("eval_loss", launch, finish).result()
         return sum(r["loss_sum"] for r in res) / max(1, sum(r["tokens"] for r in res))
 
     def logprobs(self, rows: list[dict], temperature: float = 1.0) -> list:
@@ -276,13 +312,15 @@ class ModelGroup(Recovery):
         """A forward-only call over rows, `remote(worker, shard)` on every rank; `.result()` gives
         its per-row outputs in the order given (trimmed to each row's length for per-token ones)."""
         plans: list = []
+        planned: list = []
 
         def launch(_attempt: int) -> list:
-            plans[:] = [batching.plan(rows, self.world_size, self.cfg.micro_batch_size, self.pad_id)]
+            plans[:] = [self._plan(method, rows, lockstep=self.cfg.zero_stage == 3, planned=planned)]
             return [remote(w, s) for w, s in zip(self.workers, plans[0])]
 
         def per_row(res: list) -> list:
-            flat = [row for rank_out, shard in zip(res, plans[0]) for t, mb in zip(rank_out, shard)
+            self._record_speeds(method, planned[0], [w for _, w in res])
+            flat = [row for (rank_out, _), shard in zip(res, plans[0]) for t, mb in zip(rank_out, shard)
                     if not mb.get("filler") for row in t]
             if method == "scores":
                 return [float(x) for x in flat[: len(rows)]]

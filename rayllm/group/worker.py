@@ -120,17 +120,18 @@ class ModelWorker:
         return None if sd is None else [ray.put(sd)]
 
     # ---- the rank's calls, typed: a misspelt method fails at the driver's call site --------------
-    def eval_loss(self, shards: list) -> dict[str, float]:
-        return self._guarded(self.engine.eval_loss, shards)
+    # Forwards answer (outputs, work): work is {"busy_s", "work_tokens"}, the rank's speed (speed.py).
+    def eval_loss(self, shards: list) -> tuple[dict[str, float], dict]:
+        return self._guarded(self.engine.eval_loss, shards), self.engine.last_work
 
-    def logprobs(self, shards: list, temperature: float = 1.0) -> list:
-        return self._guarded(self.engine.logprobs, shards, temperature)
+    def logprobs(self, shards: list, temperature: float = 1.0) -> tuple[list, dict]:
+        return self._guarded(self.engine.logprobs, shards, temperature), self.engine.last_work
 
-    def values(self, shards: list) -> list:
-        return self._guarded(self.engine.values, shards)
+    def values(self, shards: list) -> tuple[list, dict]:
+        return self._guarded(self.engine.values, shards), self.engine.last_work
 
-    def scores(self, shards: list) -> list:
-        return self._guarded(self.engine.scores, shards)
+    def scores(self, shards: list) -> tuple[list, dict]:
+        return self._guarded(self.engine.scores, shards), self.engine.last_work
 
     def save_hf(self, path: str) -> None:
         return self._guarded(self.engine.save_hf, path)
