@@ -15,6 +15,11 @@ Arms:
   loss trajectory against a fault-free run of the same steps (a lost or repeated sample would
   change it).
 - Snapshot overhead: fault-free steps with elastic on and off, in alternating blocks.
+- Heterogeneous ranks (`--hetero`, issue 15): rank 1 throttled 2x and 4x (it sleeps k - 1 times each
+  micro-batch's busy time, in its own process), trained with an even split and with speed-proportional
+  work; the ideal is the sum of the ranks' speeds, from the unthrottled run of the same group
+  (each rank at half its rate: rate / 2 x (1 + 1 / k)). Every step's batch is checked against the
+  target (its target tokens).
 
 Goals (issue 14): recovery <= 5 s, >= 5x faster than Ray Train, >= 90% of fault-free throughput under
 chaos, 0 samples lost or duplicated.
@@ -154,6 +159,61 @@ def snapshot_overhead_arm(path: str, rows_of, zero: int, lr: float, blocks: int 
         off.shutdown()
 
 
+def hetero_run(path: str, rows_of, zero: int, lr: float, throttle: float, balance: bool, steps: int,
+               warmup: int, split: str = "rows") -> dict:
+    """Fault-free steps of a 2-rank group with rank 1 throttled; samples/s after `warmup` steps."""
+    from rayllm.config import GroupConfig
+    from rayllm.group import ModelGroup
+
+    cfg = GroupConfig(num_ranks=2, zero_stage=zero, micro_batch_size=4, optimizer={"lr": lr, "scheduler": "constant"},
+                      elastic={"balance": balance, "throttle": {1: throttle} if throttle > 1 else {},
+                               "lockstep_split": split})
+    g = ModelGroup("bench/hetero", cfg, path)
+    try:
+        out, t0 = [], None
+        for i in range(steps):
+            if i == warmup:
+                t0 = time.time()
+            rows = rows_of(i)
+            m = g.train_step(rows)
+            out.append((m, sum(sum(r["loss_mask"][1:]) for r in rows), len(rows)))
+        wall = time.time() - t0
+    finally:
+        g.shutdown()
+    timed = out[warmup:]
+    return {"samples_per_s": sum(n for _, _, n in timed) / wall,
+            "slow_rank_share": statistics.mean(m["rank_shares"][1] for m, _, _ in timed),
+            "exact_batch_steps": sum(m["tokens"] == want for m, want, _ in out), "steps": len(out),
+            "losses": [m["loss"] for m, _, _ in out]}
+
+
+def hetero_arms(path: str, rows_of, a) -> dict:
+    res: dict = {"hetero_zero_stage": a.hetero_zero, "hetero_steps": a.hetero_steps}
+    base = hetero_run(path, rows_of, a.hetero_zero, a.lr, 1.0, False, a.hetero_steps, 3)
+    res["hetero_unthrottled_samples_per_s"] = base["samples_per_s"]
+    for k in (2, 4):
+        even = hetero_run(path, rows_of, a.hetero_zero, a.lr, k, False, a.hetero_steps, 3)
+        prop = hetero_run(path, rows_of, a.hetero_zero, a.lr, k, True, a.hetero_steps, 3)
+        ideal = base["samples_per_s"] / 2 * (1 + 1 / k)
+        if a.hetero_zero >= 2:  # the alternative in lockstep: whole micro-batches and fillers
+            mbs = hetero_run(path, rows_of, a.hetero_zero, a.lr, k, True, a.hetero_steps, 3, split="micro_batches")
+            res[f"hetero_k{k}_micro_batch_split_samples_per_s"] = mbs["samples_per_s"]
+            res[f"hetero_k{k}_ratio_micro_batch_split_over_even"] = mbs["samples_per_s"] / even["samples_per_s"]
+        res.update({
+            f"hetero_k{k}_even_samples_per_s": even["samples_per_s"],
+            f"hetero_k{k}_proportional_samples_per_s": prop["samples_per_s"],
+            f"hetero_k{k}_ideal_samples_per_s": ideal,
+            f"hetero_k{k}_ratio_proportional_over_even": prop["samples_per_s"] / even["samples_per_s"],
+            f"hetero_k{k}_ratio_proportional_over_ideal": prop["samples_per_s"] / ideal,
+            f"hetero_k{k}_ratio_ideal_over_even": ideal / even["samples_per_s"],
+            f"hetero_k{k}_slow_rank_token_share": prop["slow_rank_share"],
+            f"hetero_k{k}_exact_batch_step_share": prop["exact_batch_steps"] / prop["steps"],
+            f"hetero_k{k}_loss_max_abs_diff_proportional_vs_even": max(
+                abs(x - y) for x, y in zip(prop["losses"], even["losses"])),
+        })
+    return res
+
+
 def recovery_arms(path: str, rows: list[dict], a) -> dict:
     """Kill -> next committed step, and seconds lost, for rayllm (ZeRO-0, ZeRO-2) and Ray Train."""
     from _raytrain_elastic import run_raytrain_arm
@@ -200,8 +260,16 @@ def main() -> None:
     ap.add_argument("--only-chaos", action="store_true", help="skip the recovery arms")
     ap.add_argument("--overhead-blocks", type=int, default=6,
                     help="alternating blocks of 50 steps, elastic on and off, for the snapshot overhead (0: skip)")
+    ap.add_argument("--hetero", action="store_true", help="also the heterogeneous-ranks arms (issue 15)")
+    ap.add_argument("--only-hetero", action="store_true", help="only the heterogeneous-ranks arms")
+    ap.add_argument("--hetero-zero", type=int, default=2)
+    ap.add_argument("--hetero-steps", type=int, default=25)
+    ap.add_argument("--hetero-rows", type=int, default=32)
+    ap.add_argument("--hetero-seq", type=int, default=128)
     ap.add_argument("--json", dest="json_out")
     a = ap.parse_args()
+    if a.only_hetero:
+        a.hetero, a.only_chaos, a.chaos_s, a.overhead_blocks = True, True, 0, 0
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from rayllm.env import apply_worker_env, worker_env
@@ -219,6 +287,8 @@ def main() -> None:
     res: dict = {"model": a.size, "model_params": count_parameters(path), "ranks": 2, "global_batch_rows": a.rows,
                  "seq_len": a.seq, "steps": a.steps, "kill_step": a.kill_step}
     try:
+        if a.hetero:
+            res.update(hetero_arms(path, lambda i: make_rows(a.hetero_rows, a.hetero_seq, vocab, seed=i), a))
         if not a.only_chaos:
             res.update(recovery_arms(path, rows, a))
         if a.chaos_s > 0:
@@ -256,6 +326,28 @@ def main() -> None:
     finally:
         ray.shutdown()
 
+    if a.hetero:
+        print(f"\nheterogeneous ranks, {a.size}, 2 ranks at ZeRO-{a.hetero_zero}, {a.hetero_rows} x {a.hetero_seq} "
+              f"tokens per step, rank 1 throttled k x; samples/s (unthrottled: "
+              f"{res['hetero_unthrottled_samples_per_s']:.1f})")
+        print(f"{'k':>3}{'even':>9}{'proportional':>14}{'ideal':>9}{'prop/even':>11}{'prop/ideal':>12}"
+              f"{'slow share':>12}{'exact batch':>13}")
+        for k in (2, 4):
+            r = lambda key: res[f"hetero_k{k}_{key}"]  # noqa: E731
+            print(f"{k:>3}{r('even_samples_per_s'):>9.1f}{r('proportional_samples_per_s'):>14.1f}"
+                  f"{r('ideal_samples_per_s'):>9.1f}{r('ratio_proportional_over_even'):>11.2f}"
+                  f"{r('ratio_proportional_over_ideal'):>12.2f}{r('slow_rank_token_share'):>12.3f}"
+                  f"{r('exact_batch_step_share'):>13.2f}")
+        for k in (2, 4):
+            if f"hetero_k{k}_ratio_micro_batch_split_over_even" in res:
+                print(f"k={k}, lockstep split by whole micro-batches + fillers instead of rows: "
+                      f"{res[f'hetero_k{k}_micro_batch_split_samples_per_s']:.1f} samples/s = "
+                      f"{res[f'hetero_k{k}_ratio_micro_batch_split_over_even']:.2f}x even")
+        print("goals: >= 0.90 of the ideal; >= 1.35x even at k=2, >= 2.0x at k=4; every batch exact")
+    if a.only_hetero:
+        if a.json_out:
+            Path(a.json_out).write_text(json.dumps(res, indent=2) + "\n")
+        return
     print(f"\nelastic recovery, {a.size} ({res['model_params'] / 1e6:.1f}M params), 2 ranks, {a.rows} x {a.seq} "
           f"tokens per step, SIGKILL of rank 1 at step {a.kill_step} of {a.steps}")
     print(f"{'arm':<34}{'kill -> next step s':>20}{'s lost vs fault-free':>22}")

@@ -64,7 +64,7 @@ def send_signal(node_id: str, pid: int, signum: int, timeout_s: float = 30.0) ->
     return ray.get(ref, timeout=timeout_s)
 
 
-SIGNALS = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP}
+SIGNALS = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP, "term": signal.SIGTERM}  # term: a preemption notice
 
 
 class Chaos:

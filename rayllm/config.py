@@ -89,6 +89,10 @@ class ElasticConfig(Strict):
     balance: bool = True
     speed_ema: float = Field(0.5, gt=0, le=1)
     balance_deadband: float = Field(1.25, ge=1)
+    # How a share is varied where ranks run in lockstep (ZeRO-2/3): fewer rows per micro-batch on a
+    # slow rank ("rows"), or fewer real micro-batches topped up with fillers ("micro_batches": exact
+    # sums, but no faster; kept to measure the choice, docs/heterogeneous.md).
+    lockstep_split: Literal["rows", "micro_batches"] = "rows"
     # Tests and benchmarks: rank index -> k makes that rank k times slower (it sleeps k - 1 times
     # each micro-batch's busy time after it), as a slower device would be.
     throttle: dict[int, float] = {}
@@ -107,11 +111,12 @@ class ChaosFault(Strict):
     after the group dispatches optimizer step `step` (1-based) or, with `call` set, the
     `step`-th call of that forward method (logprobs, values, scores, eval_loss). kill = SIGKILL
     and hang = SIGSTOP, sent to the rank's process from outside it; raise = the rank raises
-    InjectedFault inside the call."""
+    InjectedFault inside the call; term = SIGTERM, a preemption notice: the rank leaves at the next
+    step boundary (docs/heterogeneous.md)."""
 
     rank: int = Field(ge=0)
     step: int = Field(ge=1)
-    kind: Literal["kill", "hang", "raise"] = "kill"
+    kind: Literal["kill", "hang", "raise", "term"] = "kill"
     after_s: float = Field(0.0, ge=0)
     call: str = "train_step"
 

@@ -28,6 +28,10 @@ def plot_metrics(records: list[dict], out_dir: Path) -> list[Path]:
         for k, v in r.items():
             if k not in ("step", "epoch", "stage") and isinstance(v, (int, float)) and not isinstance(v, bool):
                 series[(r.get("stage", "run"), k)].append((r["step"], v))
+            elif k.startswith("rank_") and isinstance(v, list):  # per rank (rank_shares): a line per rank
+                for i, x in enumerate(v):
+                    if isinstance(x, (int, float)):
+                        series[(r.get("stage", "run"), f"{k}_{i}")].append((r["step"], x))
     paths = []
     out_dir.mkdir(parents=True, exist_ok=True)
     for (stage, key), pts in sorted(series.items()):

@@ -105,10 +105,13 @@ def _cost(rows) -> list[float]:
 
 
 def plan(rows: list[dict] | RowRefs, world_size: int, micro_batch_size: int, pad_id: int,
-         shares: list[float] | None = None, lockstep: bool = True, unit: int = 1) -> list[list[dict]]:
+         shares: list[float] | None = None, lockstep: bool = True, unit: int = 1,
+         by_rows: bool = True) -> list[list[dict]]:
     """Per-rank lists of micro-batches (see the module docstring): an even split without
     `shares`, else runs in proportion to them. `lockstep`: every rank gets the same number.
     `unit`: rows that stay together in one micro-batch (2 for the pairwise loss's pairs).
+    `by_rows=False` keeps runs of whole micro-batches in lockstep too, topped up with fillers
+    (measured against rows in docs/heterogeneous.md: it cannot speed up a lockstep step).
 
     Rows given as token lists are collated here; rows given by reference (RowRefs into a packed
     dataset) become references to micro-batches, which each rank reads itself (`materialize`).
@@ -117,7 +120,7 @@ def plan(rows: list[dict] | RowRefs, world_size: int, micro_batch_size: int, pad
         raise ValueError("empty batch")
     if shares is not None and len(shares) != world_size:
         raise ValueError(f"{len(shares)} shares for {world_size} ranks")
-    if shares is None or not lockstep:
+    if shares is None or not lockstep or not by_rows:
         mbs = _micro_batches(rows, micro_batch_size, pad_id)
         if shares is None:
             per_rank = math.ceil(len(mbs) / world_size)

@@ -26,7 +26,7 @@ from rayllm.config import GroupConfig  # noqa: E402
 from rayllm.group.batching import materialize  # noqa: E402
 from rayllm.group.ds_config import bytes_per_rank, deepspeed_config, owns_gradients  # noqa: E402
 from rayllm.group.shm import release_shm  # noqa: E402
-from rayllm.group.speed import BusyTimer, comm_clock  # noqa: E402
+from rayllm.group.speed import BusyTimer, comm_clock, no_clock  # noqa: E402
 
 
 def _buckets(named: list, limit: int) -> list[list]:
@@ -218,6 +218,12 @@ class RankEngine:
 
             self.step_count = restore_state(self.engine, restore)
 
+    def _clock(self):
+        """Times collectives (speed.py) only where the driver shares work by speed: on GPU the comms
+        logger synchronises the device after every collective), and where a throttle needs busy time."""
+        used = (self.cfg.elastic.balance and self.world_size > 1) or self._throttle > 1
+        return comm_clock() if used else no_clock()
+
     # ---- construction -------------------------------------------------------------------------
     def _check_fits(self) -> None:
         from rayllm.models import count_parameters
@@ -337,7 +343,7 @@ class RankEngine:
             global_tokens = int(n.item())
         loss_sum, tokens, stats = 0.0, 0, {}
         scale = self.world_size / max(1, global_tokens)
-        with comm_clock() as comm:
+        with self._clock() as comm:
             timer = BusyTimer(comm, self._throttle)
             for mb in micro_batches:
                 with timer.micro_batch():
@@ -377,7 +383,7 @@ class RankEngine:
         (speed.py) into `last_work`."""
         self.engine.eval()
         out, tokens = [], 0
-        with comm_clock() as comm:
+        with self._clock() as comm:
             timer = BusyTimer(comm, self._throttle)
             for mb in micro_batches:
                 mb = self._to_device(mb)

@@ -121,6 +121,7 @@ class ModelGroup(Recovery):
         self._member_ids = itertools.count()
         self.members: list[Member] = [self._spawn(i) for i in range(cfg.num_ranks)]
         self._joining: list[tuple[Member, ray.ObjectRef]] = []  # replacements starting up
+        self._leave_ids: dict[int, str] = {}  # member id -> why it was told to leave (it goes at a boundary)
         self._masters: list[tuple[str, int]] = []  # every group formed, for shm cleanup
         self.epoch = -1  # membership epoch: +1 at every (re-)formation
         self._epoch_members: dict[int, list[int]] = {}
@@ -257,7 +258,7 @@ class ModelGroup(Recovery):
         if planned is not None:
             planned[:] = [(ids, shares)]
         return batching.plan(rows, self.world_size, self.cfg.micro_batch_size, self.pad_id, shares=shares,
-                             lockstep=lockstep, unit=unit)
+                             lockstep=lockstep, unit=unit, by_rows=self.cfg.elastic.lockstep_split == "rows")
 
     def _record_speeds(self, kind: str, planned: tuple, work: list[dict]) -> dict:
         """Each member's tokens per busy second into the speed book; the step's view of it: the

@@ -85,10 +85,49 @@ class Recovery:
         return out
 
     def _before_call(self) -> None:
-        """A step boundary: re-form a group an input error broke; admit ready replacements."""
+        """A step boundary: members told to leave go; re-form a group an input error broke; admit
+        ready replacements."""
+        self._let_leave()
         if self._broken:
             self.setup(self._sources() if self._trainable else None)
         self.admit()
+
+    def leave(self, rank: int) -> None:
+        """Tell rank `rank` (of the current membership) to leave: it goes at the next step boundary,
+        after the step in flight is committed (docs/heterogeneous.md)."""
+        if not 0 <= rank < len(self.members):
+            raise ValueError(f"group {self.name!r}: no rank {rank} (world size {len(self.members)})")
+        self._leave_ids[self.members[rank].id] = "driver"
+
+    def _let_leave(self) -> None:
+        """Members told to leave (by leave(), or a SIGTERM to their process, read from their control
+        thread) are dropped: the rest re-form with the committed state from the snapshots, the
+        leavers' own included (they are alive until it is read), then the leavers are ended. Nothing
+        is retried: the last step was committed. A member that does not answer is left to the fault
+        path of the next call."""
+        flags = settle([m.actor.leaving.remote() for m in self.members], self.cfg.elastic.ping_timeout_s, 0.0)
+        for m, told in zip(self.members, flags):
+            if told is True:
+                self._leave_ids.setdefault(m.id, "sigterm")
+        going = [m for m in self.members if m.id in self._leave_ids]
+        if not going:
+            return
+        if len(going) == len(self.members):
+            raise RuntimeError(f"group {self.name!r}: every rank was told to leave (members "
+                               f"{[m.id for m in going]}); the stage cannot go on without one")
+        t0 = time.time()
+        ranks = {m.id: r for r, m in enumerate(self.members)}
+        restore = self._sources() if self._share is not None else None  # read while the leavers live
+        self.members = [m for m in self.members if m.id not in self._leave_ids]
+        self.setup(restore)
+        for m in going:
+            settle([m.actor.close.remote()], self.cfg.elastic.ping_timeout_s, 0.0)
+            ray.kill(m.actor, no_restart=True)
+            self.speeds.forget(m.id)
+            self.events.append({"event": "leave", "group": self.name, "member": m.id, "rank": ranks[m.id],
+                                "pid": m.pid, "reason": self._leave_ids.pop(m.id), "step": self.step,
+                                "epoch": self.epoch, "world_size": self.world_size,
+                                "leave_s": round(time.time() - t0, 3)})
 
     def _call(self, method: str, launch, finish) -> "Pending":
         """A call on every rank, retried after a fault; `launch(attempt)` dispatches it over the
@@ -107,7 +146,7 @@ class Recovery:
 
     def _fire(self, faults: dict) -> None:
         for rank, f in faults.items():
-            if f.kind in ("kill", "hang") and rank < len(self.members):
+            if f.kind in ("kill", "hang", "term") and rank < len(self.members):
                 m = self.members[rank]
                 self._chaos.fire(f, m.node_id, m.pid)
 

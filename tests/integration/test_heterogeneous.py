@@ -13,43 +13,61 @@ STEPS = 8
 ROWS = 32  # 8 micro-batches of 4: a 2:1 speed ratio can be cut 5:3 (0.375) or, by rows, nearer 2:1
 
 
-@pytest.fixture
-def long_rows():
+def long_rows(n: int, seed: int) -> list[dict]:
     """Rows of 96-160 tokens: long enough that a tiny model's compute grows with its tokens (at 10-40
     a micro-batch's fixed cost dominates, and tokens per second is no measure of a rank's speed)."""
     import random
 
-    def make(n: int, seed: int) -> list[dict]:
-        rng = random.Random(seed)
-        rows = []
-        for _ in range(n):
-            ids = [rng.randrange(10, 1000) for _ in range(rng.randint(96, 160))]
-            rows.append({"input_ids": ids, "loss_mask": [0] * 5 + [1] * (len(ids) - 5)})
-        return rows
-
-    return make
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        ids = [rng.randrange(10, 1000) for _ in range(rng.randint(96, 160))]
+        rows.append({"input_ids": ids, "loss_mask": [0] * 5 + [1] * (len(ids) - 5)})
+    return rows
 
 
-def _run(stage: int, tiny_path, random_rows, throttle: dict, balance: bool = True) -> tuple[list, list]:
-    cfg = GroupConfig(num_ranks=2, zero_stage=stage, micro_batch_size=4,
-                      elastic={"throttle": throttle, "balance": balance})
-    g = ModelGroup("sft/policy", cfg, tiny_path)
+def _group(stage: int, tiny_path, throttle: dict | None = None, balance: bool = True, chaos=()) -> ModelGroup:
+    cfg = GroupConfig(num_ranks=2, zero_stage=stage, micro_batch_size=4, chaos=list(chaos),
+                      elastic={"throttle": throttle or {}, "balance": balance})
+    return ModelGroup("sft/policy", cfg, tiny_path)
+
+
+def _train(g: ModelGroup, leave_at: int | None = None) -> list[dict]:
+    out = []
+    for s in range(STEPS):
+        if leave_at is not None and s == leave_at:
+            g.leave(1)
+        out.append(g.train_step(long_rows(ROWS, seed=s)))
+    assert g.step == STEPS
+    return out
+
+
+_EVEN: dict[int, list[float]] = {}
+
+
+def _even_losses(stage: int, tiny_path) -> list[float]:
+    """The losses of an unthrottled, even split over 2 ranks (computed once per stage per session)."""
+    if stage not in _EVEN:
+        g = _group(stage, tiny_path, balance=False)
+        try:
+            _EVEN[stage] = [m["loss"] for m in _train(g)]
+        finally:
+            g.shutdown()
+    return _EVEN[stage]
+
+
+@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), 2])
+def test_rank_throttled_2x_gets_about_a_third_of_each_step_and_the_losses_equal_the_unthrottled_run(
+        stage, tiny_path):
+    even = _even_losses(stage, tiny_path)
+    g = _group(stage, tiny_path, throttle={1: 2.0})
     try:
-        out = [g.train_step(random_rows(ROWS, seed=s)) for s in range(STEPS)]
-        assert g.step == STEPS
-        return [m["loss"] for m in out], out
+        steps = _train(g)
     finally:
         g.shutdown()
-
-
-@pytest.mark.parametrize("stage", [0, 2])
-def test_rank_throttled_2x_gets_about_a_third_of_each_step_and_the_losses_equal_the_unthrottled_run(
-        stage, tiny_path, long_rows):
-    random_rows = long_rows
-    even, _ = _run(stage, tiny_path, random_rows, {}, balance=False)
-    losses, steps = _run(stage, tiny_path, random_rows, {1: 2.0})
+    losses = [m["loss"] for m in steps]
     # Every step trained on the whole global batch: its target tokens all counted, on the two ranks.
-    expected_tokens = [sum(sum(r["loss_mask"][1:]) for r in random_rows(ROWS, seed=s)) for s in range(STEPS)]
+    expected_tokens = [sum(sum(r["loss_mask"][1:]) for r in long_rows(ROWS, seed=s)) for s in range(STEPS)]
     assert [m["tokens"] for m in steps] == expected_tokens
     assert all(m["world_size"] == 2 for m in steps)
     # The first step is cut evenly (nothing measured yet); from the second on, the slow rank's share
@@ -62,3 +80,46 @@ def test_rank_throttled_2x_gets_about_a_third_of_each_step_and_the_losses_equal_
     # The update does not depend on the split: below ZeRO-2 the same micro-batches (exact sums), at
     # ZeRO-2 other micro-batches of the same rows (equal to rounding): the world-size tolerance.
     assert losses == pytest.approx(even, abs=1e-5, rel=0)
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_sigterm_to_a_rank_makes_it_leave_after_the_step_in_flight_with_no_step_lost_or_retried(tiny_path):
+    expected = _even_losses(2, tiny_path)
+    # SIGTERM from outside the process, 0.05 s into step 3: the step finishes on both ranks.
+    g = _group(2, tiny_path, balance=False, chaos=[{"rank": 1, "step": 3, "kind": "term", "after_s": 0.05}])
+    try:
+        survivor = g.members[0].pid
+        losses = [m["loss"] for m in _train(g)]
+        events = g.take_events()
+        (leave,) = [e for e in events if e["event"] == "leave"]
+        assert not [e for e in events if e["event"] == "fault"]  # a leave, not a fault: nothing retried
+        assert (leave["reason"], leave["rank"], leave["world_size"], leave["step"]) == ("sigterm", 1, 1, 3)
+        assert _gone(leave["pid"]) and leave["pid"] != survivor and g.members[0].pid == survivor
+        assert g.world_size == 1
+        assert losses == pytest.approx(expected, abs=1e-5, rel=0)  # the world-size invariance tolerance
+    finally:
+        g.shutdown()
+
+
+@pytest.mark.slow
+def test_a_rank_the_driver_tells_to_leave_goes_at_the_next_boundary_and_the_losses_are_unchanged(tiny_path):
+    expected = _even_losses(0, tiny_path)
+    g = _group(0, tiny_path, balance=False)
+    try:
+        losses = [m["loss"] for m in _train(g, leave_at=2)]
+        events = g.take_events()
+        (leave,) = [e for e in events if e["event"] == "leave"]
+        assert not [e for e in events if e["event"] == "fault"]
+        assert (leave["reason"], leave["rank"], leave["world_size"], leave["step"]) == ("driver", 1, 1, 2)
+        assert _gone(leave["pid"]) and g.world_size == 1
+        assert losses == pytest.approx(expected, abs=1e-5, rel=0)
+    finally:
+        g.shutdown()
