@@ -188,7 +188,8 @@ def hetero_run(path: str, rows_of, zero: int, lr: float, throttle: float, balanc
 
 
 def hetero_arms(path: str, rows_of, a) -> dict:
-    res: dict = {"hetero_zero_stage": a.hetero_zero, "hetero_steps": a.hetero_steps}
+    res: dict = {"hetero_zero_stage": a.hetero_zero, "hetero_steps": a.hetero_steps,
+                 "hetero_global_batch_rows": a.hetero_rows, "hetero_seq_len": a.hetero_seq}
     base = hetero_run(path, rows_of, a.hetero_zero, a.lr, 1.0, False, a.hetero_steps, 3)
     res["hetero_unthrottled_samples_per_s"] = base["samples_per_s"]
     for k in (2, 4):
