@@ -219,8 +219,8 @@ class RankEngine:
             self.step_count = restore_state(self.engine, restore)
 
     def _clock(self):
-        """Times collectives (speed.py) only where the driver shares work by speed: on GPU the comms
-        logger synchronises the device after every collective), and where a throttle needs busy time."""
+        """Times collectives (speed.py) only where the driver shares work by speed (on GPU the comms
+        logger synchronises the device after every collective), or where a throttle needs busy time."""
         used = (self.cfg.elastic.balance and self.world_size > 1) or self._throttle > 1
         return comm_clock() if used else no_clock()
 
