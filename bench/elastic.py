@@ -15,11 +15,13 @@ Arms:
   loss trajectory against a fault-free run of the same steps (a lost or repeated sample would
   change it).
 - Snapshot overhead: fault-free steps with elastic on and off, in alternating blocks.
-- Heterogeneous ranks (`--hetero`, issue 15): rank 1 throttled 2x and 4x (it sleeps k - 1 times each
-  micro-batch's busy time, in its own process), trained with an even split and with speed-proportional
-  work; the ideal is the sum of the ranks' speeds, from the unthrottled run of the same group
-  (each rank at half its rate: rate / 2 x (1 + 1 / k)). Every step's batch is checked against the
-  target (its target tokens).
+- Heterogeneous ranks (`--hetero`, `--only-hetero`, issue 15): rank 1 throttled 2x and 4x (it sleeps
+  k - 1 times each micro-batch's busy time, in its own process), trained with an even split and with
+  speed-proportional work, at ZeRO-1 (runs of whole micro-batches) and ZeRO-2 (lockstep: rows); the
+  ideal is the sum of the ranks' speeds, from the unthrottled run of the same group (each rank at
+  half its rate: rate / 2 x (1 + 1 / k)). Every step's batch is checked against the target (its
+  target tokens). Hivemind (bench/_hivemind_arm.py: two hivemind.Optimizer peers on 127.0.0.1 with
+  target_batch_size, the same throttle rule, in its own venv) runs on the same model and batch.
 
 Goals (issue 14): recovery <= 5 s, >= 5x faster than Ray Train, >= 90% of fault-free throughput under
 chaos, 0 samples lost or duplicated.
@@ -160,12 +162,12 @@ def snapshot_overhead_arm(path: str, rows_of, zero: int, lr: float, blocks: int 
 
 
 def hetero_run(path: str, rows_of, zero: int, lr: float, throttle: float, balance: bool, steps: int,
-               warmup: int, split: str = "rows") -> dict:
+               warmup: int, micro: int, split: str = "rows") -> dict:
     """Fault-free steps of a 2-rank group with rank 1 throttled; samples/s after `warmup` steps."""
     from rayllm.config import GroupConfig
     from rayllm.group import ModelGroup
 
-    cfg = GroupConfig(num_ranks=2, zero_stage=zero, micro_batch_size=4, optimizer={"lr": lr, "scheduler": "constant"},
+    cfg = GroupConfig(num_ranks=2, zero_stage=zero, micro_batch_size=micro, optimizer={"lr": lr, "scheduler": "constant"},
                       elastic={"balance": balance, "throttle": {1: throttle} if throttle > 1 else {},
                                "lockstep_split": split})
     g = ModelGroup("bench/hetero", cfg, path)
@@ -184,35 +186,62 @@ def hetero_run(path: str, rows_of, zero: int, lr: float, throttle: float, balanc
     return {"samples_per_s": sum(n for _, _, n in timed) / wall,
             "slow_rank_share": statistics.mean(m["rank_shares"][1] for m, _, _ in timed),
             "exact_batch_steps": sum(m["tokens"] == want for m, want, _ in out), "steps": len(out),
+            # rows applied per step: the rows whose tokens the step's loss counted (all of them when exact)
+            "mean_rows": statistics.mean(n * m["tokens"] / want for m, want, n in out),
             "losses": [m["loss"] for m, _, _ in out]}
 
 
 def hetero_arms(path: str, rows_of, a) -> dict:
-    res: dict = {"hetero_zero_stage": a.hetero_zero, "hetero_steps": a.hetero_steps,
-                 "hetero_global_batch_rows": a.hetero_rows, "hetero_seq_len": a.hetero_seq}
-    base = hetero_run(path, rows_of, a.hetero_zero, a.lr, 1.0, False, a.hetero_steps, 3)
-    res["hetero_unthrottled_samples_per_s"] = base["samples_per_s"]
-    for k in (2, 4):
-        even = hetero_run(path, rows_of, a.hetero_zero, a.lr, k, False, a.hetero_steps, 3)
-        prop = hetero_run(path, rows_of, a.hetero_zero, a.lr, k, True, a.hetero_steps, 3)
-        ideal = base["samples_per_s"] / 2 * (1 + 1 / k)
-        if a.hetero_zero >= 2:  # the alternative in lockstep: whole micro-batches and fillers
-            mbs = hetero_run(path, rows_of, a.hetero_zero, a.lr, k, True, a.hetero_steps, 3, split="micro_batches")
-            res[f"hetero_k{k}_micro_batch_split_samples_per_s"] = mbs["samples_per_s"]
-            res[f"hetero_k{k}_ratio_micro_batch_split_over_even"] = mbs["samples_per_s"] / even["samples_per_s"]
-        res.update({
-            f"hetero_k{k}_even_samples_per_s": even["samples_per_s"],
-            f"hetero_k{k}_proportional_samples_per_s": prop["samples_per_s"],
-            f"hetero_k{k}_ideal_samples_per_s": ideal,
-            f"hetero_k{k}_ratio_proportional_over_even": prop["samples_per_s"] / even["samples_per_s"],
-            f"hetero_k{k}_ratio_proportional_over_ideal": prop["samples_per_s"] / ideal,
-            f"hetero_k{k}_ratio_ideal_over_even": ideal / even["samples_per_s"],
-            f"hetero_k{k}_slow_rank_token_share": prop["slow_rank_share"],
-            f"hetero_k{k}_exact_batch_step_share": prop["exact_batch_steps"] / prop["steps"],
-            f"hetero_k{k}_loss_max_abs_diff_proportional_vs_even": max(
-                abs(x - y) for x, y in zip(prop["losses"], even["losses"])),
-        })
+    """Per ZeRO stage: unthrottled, then for k in 2, 4 the even split, speed-proportional work and
+    (in lockstep) the whole-micro-batch split; keys hetero_zero{z}_k{k}_*."""
+    res: dict = {"hetero_steps": a.hetero_steps, "hetero_global_batch_rows": a.hetero_rows,
+                 "hetero_seq_len": a.hetero_seq, "hetero_micro_batch_size": a.hetero_micro}
+    for zero in a.hetero_zero:
+        z = f"hetero_zero{zero}_"
+        run = lambda k, balance, **kw: hetero_run(path, rows_of, zero, a.lr, k, balance, a.hetero_steps,  # noqa: E731
+                                                  a.hetero_warmup, a.hetero_micro, **kw)
+        base = run(1.0, False)
+        res[z + "unthrottled_samples_per_s"] = base["samples_per_s"]
+        for k in (2, 4):
+            even, prop = run(k, False), run(k, True)
+            ideal = base["samples_per_s"] / 2 * (1 + 1 / k)
+            p = f"{z}k{k}_"
+            if zero >= 2:  # the alternative in lockstep: whole micro-batches and fillers
+                mbs = run(k, True, split="micro_batches")
+                res[p + "micro_batch_split_samples_per_s"] = mbs["samples_per_s"]
+                res[p + "ratio_micro_batch_split_over_even"] = mbs["samples_per_s"] / even["samples_per_s"]
+            res.update({
+                p + "even_samples_per_s": even["samples_per_s"],
+                p + "proportional_samples_per_s": prop["samples_per_s"],
+                p + "ideal_samples_per_s": ideal,
+                p + "ratio_proportional_over_even": prop["samples_per_s"] / even["samples_per_s"],
+                p + "ratio_proportional_over_ideal": prop["samples_per_s"] / ideal,
+                p + "ratio_ideal_over_even": ideal / even["samples_per_s"],
+                p + "slow_rank_token_share": prop["slow_rank_share"],
+                p + "mean_batch_rows_per_step": prop["mean_rows"],
+                p + "batch_overshoot_ratio": prop["mean_rows"] / a.hetero_rows,
+                p + "exact_batch_step_share": prop["exact_batch_steps"] / prop["steps"],
+                p + "loss_max_abs_diff_proportional_vs_even": max(
+                    abs(x - y) for x, y in zip(prop["losses"], even["losses"])),
+            })
     return res
+
+
+def hivemind_hetero_arm(path: str, a, res: dict) -> dict:
+    """The real Hivemind (its own venv, bench/_hivemind_arm.py) on the same model, batch, micro-batch
+    and throttle rule, and rayllm's proportional arms over it."""
+    from _hivemind_arm import hivemind_arm
+
+    out = hivemind_arm(path, a.hetero_rows, a.hetero_seq, a.hetero_micro, (1.0, 2.0, 4.0), a.hetero_hivemind_s,
+                       lr=a.lr)
+    out = {k: v for k, v in out.items() if not isinstance(v, (list, dict))}
+    for k in (2, 4):
+        hm = out.get(f"hivemind_k{k}_samples_per_s") or 0.0
+        for zero in a.hetero_zero:
+            if hm > 0:
+                out[f"hetero_zero{zero}_k{k}_ratio_proportional_over_hivemind"] = (
+                    res[f"hetero_zero{zero}_k{k}_proportional_samples_per_s"] / hm)
+    return out
 
 
 def recovery_arms(path: str, rows: list[dict], a) -> dict:
@@ -263,10 +292,15 @@ def main() -> None:
                     help="alternating blocks of 50 steps, elastic on and off, for the snapshot overhead (0: skip)")
     ap.add_argument("--hetero", action="store_true", help="also the heterogeneous-ranks arms (issue 15)")
     ap.add_argument("--only-hetero", action="store_true", help="only the heterogeneous-ranks arms")
-    ap.add_argument("--hetero-zero", type=int, default=2)
-    ap.add_argument("--hetero-steps", type=int, default=25)
-    ap.add_argument("--hetero-rows", type=int, default=32)
+    ap.add_argument("--hetero-zero", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
+                    help="ZeRO stages of the heterogeneous arms (1: runs of whole micro-batches; 2: lockstep)")
+    ap.add_argument("--hetero-steps", type=int, default=15)
+    ap.add_argument("--hetero-warmup", type=int, default=3, help="steps before the clock starts")
+    ap.add_argument("--hetero-rows", type=int, default=48)
     ap.add_argument("--hetero-seq", type=int, default=128)
+    ap.add_argument("--hetero-micro", type=int, default=4)
+    ap.add_argument("--hetero-hivemind-s", type=float, default=60.0,
+                    help="seconds measured per throttle for the Hivemind arm (0: skip it)")
     ap.add_argument("--json", dest="json_out")
     a = ap.parse_args()
     if a.only_hetero:
@@ -326,24 +360,34 @@ def main() -> None:
                         "snapshot_overhead_step_time_ratio_on_over_off": o["elastic_on_step_s"] / o["elastic_off_step_s"]})
     finally:
         ray.shutdown()
+    if a.hetero and a.hetero_hivemind_s > 0:
+        res.update(hivemind_hetero_arm(path, a, res))
 
     if a.hetero:
-        print(f"\nheterogeneous ranks, {a.size}, 2 ranks at ZeRO-{a.hetero_zero}, {a.hetero_rows} x {a.hetero_seq} "
-              f"tokens per step, rank 1 throttled k x; samples/s (unthrottled: "
-              f"{res['hetero_unthrottled_samples_per_s']:.1f})")
-        print(f"{'k':>3}{'even':>9}{'proportional':>14}{'ideal':>9}{'prop/even':>11}{'prop/ideal':>12}"
-              f"{'slow share':>12}{'exact batch':>13}")
+        print(f"\nheterogeneous ranks, {a.size}, 2 ranks, {a.hetero_rows} x {a.hetero_seq} tokens per step "
+              f"(micro-batch {a.hetero_micro}), rank 1 throttled k x; samples/s")
+        print(f"{'arm':<24}{'k':>3}{'samples/s':>11}{'vs even':>9}{'vs ideal':>10}{'slow share':>12}"
+              f"{'batch/target':>14}{'exact steps':>13}")
         for k in (2, 4):
-            r = lambda key: res[f"hetero_k{k}_{key}"]  # noqa: E731
-            print(f"{k:>3}{r('even_samples_per_s'):>9.1f}{r('proportional_samples_per_s'):>14.1f}"
-                  f"{r('ideal_samples_per_s'):>9.1f}{r('ratio_proportional_over_even'):>11.2f}"
-                  f"{r('ratio_proportional_over_ideal'):>12.2f}{r('slow_rank_token_share'):>12.3f}"
-                  f"{r('exact_batch_step_share'):>13.2f}")
-        for k in (2, 4):
-            if f"hetero_k{k}_ratio_micro_batch_split_over_even" in res:
-                print(f"k={k}, lockstep split by whole micro-batches + fillers instead of rows: "
-                      f"{res[f'hetero_k{k}_micro_batch_split_samples_per_s']:.1f} samples/s = "
-                      f"{res[f'hetero_k{k}_ratio_micro_batch_split_over_even']:.2f}x even")
+            for zero in a.hetero_zero:
+                r = lambda key: res[f"hetero_zero{zero}_k{k}_{key}"]  # noqa: E731
+                print(f"{'rayllm ZeRO-%d even' % zero:<24}{k:>3}{r('even_samples_per_s'):>11.1f}{1.0:>9.2f}"
+                      f"{1 / r('ratio_ideal_over_even'):>10.2f}{'0.5':>12}{1.0:>14.2f}{'':>13}")
+                print(f"{'rayllm ZeRO-%d by speed' % zero:<24}{k:>3}{r('proportional_samples_per_s'):>11.1f}"
+                      f"{r('ratio_proportional_over_even'):>9.2f}{r('ratio_proportional_over_ideal'):>10.2f}"
+                      f"{r('slow_rank_token_share'):>12.3f}{r('batch_overshoot_ratio'):>14.2f}"
+                      f"{r('exact_batch_step_share'):>13.2f}")
+                if f"hetero_zero{zero}_k{k}_micro_batch_split_samples_per_s" in res:
+                    print(f"{'  (whole-mb split)':<24}{k:>3}{r('micro_batch_split_samples_per_s'):>11.1f}"
+                          f"{r('ratio_micro_batch_split_over_even'):>9.2f}")
+                print(f"{'ideal (sum of speeds)':<24}{k:>3}{r('ideal_samples_per_s'):>11.1f}"
+                      f"{r('ratio_ideal_over_even'):>9.2f}{1.0:>10.2f}")
+            if f"hivemind_k{k}_samples_per_s" in res:
+                h = lambda key: res.get(f"hivemind_k{k}_{key}", float("nan"))  # noqa: E731
+                print(f"{'Hivemind':<24}{k:>3}{h('samples_per_s'):>11.1f}{'':>9}{h('vs_ideal'):>10.2f}"
+                      f"{h('slow_peer_share'):>12.3f}{h('batch_overshoot_ratio'):>14.2f}{'':>13}")
+        for zero in a.hetero_zero:
+            print(f"unthrottled ZeRO-{zero}: {res[f'hetero_zero{zero}_unthrottled_samples_per_s']:.1f} samples/s")
         print("goals: >= 0.90 of the ideal; >= 1.35x even at k=2, >= 2.0x at k=4; every batch exact")
     if a.only_hetero:
         if a.json_out:

@@ -96,6 +96,10 @@ class ElasticConfig(Strict):
     # Tests and benchmarks: rank index -> k makes that rank k times slower (it sleeps k - 1 times
     # each micro-batch's busy time after it), as a slower device would be.
     throttle: dict[int, float] = {}
+    # A group sized as a range (num_ranks: [min, max]): how long it waits for `min` ranks to be
+    # placed at start, and at a step boundary after falling below `min`, before it fails naming why.
+    start_timeout_s: float = Field(120.0, gt=0)
+    min_wait_s: float = Field(300.0, gt=0)
 
     @field_validator("throttle")
     @classmethod
@@ -124,7 +128,9 @@ class ChaosFault(Strict):
 class GroupConfig(Strict):
     """One model role hosted by `num_ranks` Ray actors, one DeepSpeed rank each."""
 
-    num_ranks: int = Field(1, ge=1)
+    # N, or [min, max] (docs/heterogeneous.md): a range starts with what the cluster can place (at
+    # least min), grows to max at step boundaries as room appears, and waits below min.
+    num_ranks: int | tuple[int, int] = 1
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     offload_params: bool = False
@@ -144,6 +150,36 @@ class GroupConfig(Strict):
     elastic: ElasticConfig = ElasticConfig()
     # Faults to inject (tests, game days; docs/elasticity.md). RAYLLM_CHAOS adds to these.
     chaos: list[ChaosFault] = []
+
+    @field_validator("num_ranks")
+    @classmethod
+    def _ranks_positive(cls, v):
+        lo, hi = (v, v) if isinstance(v, int) else v
+        if not 1 <= lo <= hi:
+            raise ValueError(f"num_ranks must be N >= 1 or [min, max] with 1 <= min <= max; got {v}")
+        return v
+
+    @property
+    def size_range(self) -> tuple[int, int]:
+        """(ranks needed to start, ranks asked for): (N, N) for a fixed size."""
+        return (self.num_ranks, self.num_ranks) if isinstance(self.num_ranks, int) else tuple(self.num_ranks)
+
+    @property
+    def min_ranks(self) -> int:
+        """Below this many ranks the group waits at a step boundary: a range's min; a fixed-size
+        group goes on with any survivors (docs/elasticity.md), so 1."""
+        return 1 if isinstance(self.num_ranks, int) else self.num_ranks[0]
+
+    @property
+    def max_ranks(self) -> int:
+        return self.size_range[1]
+
+    @model_validator(mode="after")
+    def _range_needs_own_placement(self):
+        if self.size_range[0] != self.size_range[1] and self.colocate_with:
+            raise ValueError(f"num_ranks {list(self.num_ranks)} is a range, which needs the group's own placement; "
+                             f"it cannot be colocated with {self.colocate_with!r}")
+        return self
 
     @model_validator(mode="after")
     def _offload_needs_zero(self):
@@ -259,7 +295,9 @@ class RolloutConfig(Strict):
     Ray actor, fed load-balanced chunks of prompts, and refreshed with verified weight pushes."""
 
     backend: Literal["vllm", "hf"] = "vllm"
-    num_engines: int = Field(1, ge=1)
+    # N, or [min, max]: a range starts all max, generates once min are up (within start_timeout_s)
+    # and takes the others in as Ray places them (the autoscaler adds a node for a pending one).
+    num_engines: int | tuple[int, int] = 1
     tensor_parallel_size: int = Field(1, ge=1)  # GPU only
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     max_model_len: int = Field(512, ge=16)
@@ -295,6 +333,19 @@ class RolloutConfig(Strict):
     elastic: ElasticConfig = ElasticConfig()
     chaos: list[ChaosFault] = []
 
+    @field_validator("num_engines")
+    @classmethod
+    def _engines_positive(cls, v):
+        lo, hi = (v, v) if isinstance(v, int) else v
+        if not 1 <= lo <= hi:
+            raise ValueError(f"num_engines must be N >= 1 or [min, max] with 1 <= min <= max; got {v}")
+        return v
+
+    @property
+    def engine_range(self) -> tuple[int, int]:
+        """(engines needed to start, engines asked for)."""
+        return (self.num_engines, self.num_engines) if isinstance(self.num_engines, int) else tuple(self.num_engines)
+
     @property
     def mean_tolerance(self) -> float:
         return self.verify_mean_tolerance or (1e-3 if self.dtype == "fp32" else 0.05)
@@ -316,11 +367,11 @@ class SFT(Strict):
 
     @model_validator(mode="after")
     def _batch_divides(self):
-        g, m, n = self.train.global_batch_size, self.group.micro_batch_size, self.group.num_ranks
+        g, m, n = self.train.global_batch_size, self.group.micro_batch_size, self.group.max_ranks
         if g % (m * n):
             raise ValueError(
                 f"train.global_batch_size ({g}) must be a multiple of group.micro_batch_size ({m}) "
-                f"x group.num_ranks ({n})"
+                f"x the group's (most) ranks ({n})"
             )
         return self
 
@@ -378,12 +429,12 @@ class RewardModel(Strict):
 
     @model_validator(mode="after")
     def _pairs_fit(self):
-        g, m, n = self.train.global_batch_size, self.group.micro_batch_size, self.group.num_ranks
+        g, m, n = self.train.global_batch_size, self.group.micro_batch_size, self.group.max_ranks
         if m % 2:
             raise ValueError(f"group.micro_batch_size ({m}) must be even: each micro-batch holds whole pairs")
         if (2 * g) % (m * n):
             raise ValueError(f"2 x train.global_batch_size ({2 * g} rows) must be a multiple of "
-                             f"group.micro_batch_size ({m}) x group.num_ranks ({n})")
+                             f"group.micro_batch_size ({m}) x the group's (most) ranks ({n})")
         return self
 
 

@@ -28,17 +28,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray cluster for the session: 4 logical CPUs on 2 cores (see FACTS.md), capped
-    object store."""
+def init_local_ray(**kw) -> None:
+    """The session's local Ray: 4 logical CPUs on 2 cores (see FACTS.md), capped object store;
+    with `address`, a connection to a test cluster instead (ray.cluster_utils.Cluster)."""
     import ray
 
     from rayllm.env import worker_env
 
+    if not kw:
+        kw = dict(num_cpus=4, object_store_memory=384 * 1024**2, include_dashboard=False)
+    ray.init(runtime_env={"env_vars": worker_env()}, log_to_driver=False, **kw)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the session (init_local_ray). A module that needs a multi-node
+    cluster of its own shuts this one down and starts it again when it is done."""
+    import ray
+
     if not ray.is_initialized():
-        ray.init(num_cpus=4, object_store_memory=384 * 1024**2, runtime_env={"env_vars": worker_env()},
-                 log_to_driver=False, include_dashboard=False)
+        init_local_ray()
     yield ray
     ray.shutdown()
 

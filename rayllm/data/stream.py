@@ -33,6 +33,7 @@ class RowRefs:
 
     path: str
     ids: tuple[int, ...]
+    row_tokens: int = 0  # tokens in each packed row (all one length), for speed plans; 0: unknown
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -8,20 +8,27 @@ others ("lockstep": ZeRO-2/3 reduce in every backward, ZeRO-3 gathers in every f
 that come up short get fillers: one or two rows of two tokens with an all-zero loss mask, which
 run the same collectives at almost no compute and add nothing to the gradient.
 
-With speed shares, a rank is handed a run of the batch whose token count follows its share:
+With the ranks' measured costs (speed.RankCost: seconds per micro-batch plus per token), each
+rank is handed a contiguous run of the batch so that the slowest predicted rank is as fast as
+it can be:
 - not lockstep (ZeRO-0/1 train, forwards below ZeRO-3): a run of the same micro-batches, so the
   sums are exactly those of any other split;
-- lockstep: a run of rows, cut into as many micro-batches as the busiest rank needs, so a slow
-  rank's micro-batches hold fewer rows and every rank reaches each reduction together (the
-  micro-batches differ from an even split's: the sums are equal to rounding).
+- lockstep: a run of rows, cut into a count of micro-batches chosen with the runs (more let a
+  fast rank hold more rows, each within micro_batch_size, but cost every rank its fixed time per
+  micro-batch), so a slow rank's micro-batches hold fewer rows and every rank reaches each
+  reduction together (the micro-batches differ from an even split's: the sums are equal to
+  rounding).
 """
 from __future__ import annotations
 
+import bisect
 import math
+from dataclasses import replace
 
 import torch
 
 from rayllm.data.stream import RowRefs, resolve_rows
+from rayllm.group.speed import RankCost
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -61,7 +68,7 @@ def filler(mb: dict) -> dict:
     """A zero-weight stand-in for `mb`: its first two rows (a pair, for the pairwise loss) cut to
     two tokens, with every per-row field kept, so any loss runs on it, at almost no compute."""
     if "refs" in mb:  # a reference: the rank reads it and makes the filler (materialize)
-        return {**mb, "refs": RowRefs(mb["refs"].path, mb["refs"].ids[:2]), "filler": True}
+        return {**mb, "refs": replace(mb["refs"], ids=mb["refs"].ids[:2]), "filler": True}
     T = mb["input_ids"].shape[1]
     keep = min(2, T)
     out = {}
@@ -72,85 +79,121 @@ def filler(mb: dict) -> dict:
     return {**out, "loss_mask": torch.zeros_like(out["loss_mask"]), "filler": True}
 
 
-def _runs(costs: list[float], shares: list[float]) -> list[tuple[int, int]]:
-    """Contiguous [start, end) runs of `costs`, one per share, each run's cost as near its share
-    of the total as the items allow, and at least one item each while there are enough."""
-    n, k = len(costs), len(shares)
+def _partition(costs: list[float], ranks: list[RankCost], count: int | None = None,
+               cap: int | None = None) -> tuple[list[tuple[int, int]], float]:
+    """Contiguous [start, end) runs of items (of `costs` tokens each), one per rank in order,
+    that minimise the slowest rank's predicted seconds, and those seconds. A rank's time is
+    `ranks[r].seconds(micro-batches, tokens)`, where each item is a micro-batch, or, in
+    lockstep, every rank runs `count` micro-batches and takes at most `cap` items. Each rank
+    keeps at least one item while there are enough, so a slow rank's speed is still measured
+    as it drifts. The smallest feasible time is found by bisection; for a given time, greedily
+    giving each rank all it can finish is optimal for contiguous runs."""
+    n, k = len(costs), len(ranks)
     cum = [0.0]
     for c in costs:
         cum.append(cum[-1] + c)
-    total, weight = cum[-1], sum(shares)
-    bounds, acc = [0], 0.0
-    for r in range(k - 1):
-        acc += shares[r]
-        target = total * acc / weight
-        j = min(range(bounds[-1], n + 1), key=lambda i: abs(cum[i] - target))
-        lo = bounds[-1] + (1 if n - bounds[-1] >= k - r else 0)  # this rank gets one
-        hi = max(lo, n - (k - r - 1)) if n >= k else n  # and leaves one for each after it
-        bounds.append(min(max(j, lo), hi))
-    bounds.append(n)
-    return list(zip(bounds[:-1], bounds[1:]))
+
+    def seconds(r: int, i: int, j: int) -> float:
+        return ranks[r].seconds(count if count is not None else j - i, cum[j] - cum[i])
+
+    def greedy(limit: float) -> list[int] | None:
+        bounds = [0]
+        for r in range(k):
+            i = bounds[-1]
+            keep = 1 if n - i >= k - r else 0  # this rank gets one
+            hi = n - (k - r - 1 if n >= k else 0)  # and leaves one for each after it
+            if cap is not None:
+                hi = min(hi, i + cap)
+            j = bisect.bisect_right(range(i, hi + 1), limit, key=lambda j: seconds(r, i, j)) - 1 + i
+            bounds.append(max(j, i + keep))
+        return bounds if bounds[-1] >= n else None
+
+    lo, hi = 0.0, max(seconds(r, 0, n) for r in range(k)) + 1e-9
+    best = greedy(hi)
+    if best is None:  # the caps cannot hold every item (count too small): no plan at this count
+        return [], math.inf
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        got = greedy(mid)
+        if got is None:
+            lo = mid
+        else:
+            best, hi = got, mid
+    best[-1] = n
+    runs = list(zip(best[:-1], best[1:]))
+    return runs, max(seconds(r, a, b) for r, (a, b) in enumerate(runs))
 
 
 def _micro_batches(rows, micro_batch_size: int, pad_id: int) -> list[dict]:
     if isinstance(rows, RowRefs):
-        return [{"refs": RowRefs(rows.path, rows.ids[i: i + micro_batch_size]), "pad_id": pad_id}
+        return [{"refs": replace(rows, ids=rows.ids[i: i + micro_batch_size]), "pad_id": pad_id}
                 for i in range(0, len(rows), micro_batch_size)]
     return [collate(rows[i: i + micro_batch_size], pad_id) for i in range(0, len(rows), micro_batch_size)]
 
 
 def _cost(rows) -> list[float]:
     """Tokens per row: a rank's work (rows by reference are packed, all of one length)."""
-    return [1.0] * len(rows) if isinstance(rows, RowRefs) else [float(len(r["input_ids"])) for r in rows]
+    if isinstance(rows, RowRefs):
+        return [float(rows.row_tokens or 1)] * len(rows)
+    return [float(len(r["input_ids"])) for r in rows]
 
 
 def plan(rows: list[dict] | RowRefs, world_size: int, micro_batch_size: int, pad_id: int,
-         shares: list[float] | None = None, lockstep: bool = True, unit: int = 1,
+         costs: list[RankCost] | None = None, lockstep: bool = True, unit: int = 1,
          by_rows: bool = True) -> list[list[dict]]:
     """Per-rank lists of micro-batches (see the module docstring): an even split without
-    `shares`, else runs in proportion to them. `lockstep`: every rank gets the same number.
-    `unit`: rows that stay together in one micro-batch (2 for the pairwise loss's pairs).
-    `by_rows=False` keeps runs of whole micro-batches in lockstep too, topped up with fillers
-    (measured against rows in docs/heterogeneous.md: it cannot speed up a lockstep step).
+    `costs`, else runs that balance the ranks' predicted times. `lockstep`: every rank gets the
+    same number. `unit`: rows that stay together in one micro-batch (2 for the pairwise loss's
+    pairs). `by_rows=False` keeps runs of whole micro-batches in lockstep too, topped up with
+    fillers (measured against rows in docs/heterogeneous.md).
 
     Rows given as token lists are collated here; rows given by reference (RowRefs into a packed
     dataset) become references to micro-batches, which each rank reads itself (`materialize`).
     """
     if not len(rows):
         raise ValueError("empty batch")
-    if shares is not None and len(shares) != world_size:
-        raise ValueError(f"{len(shares)} shares for {world_size} ranks")
-    if shares is None or not lockstep or not by_rows:
+    if costs is not None and len(costs) != world_size:
+        raise ValueError(f"{len(costs)} rank costs for {world_size} ranks")
+    if costs is None or not lockstep or not by_rows:
         mbs = _micro_batches(rows, micro_batch_size, pad_id)
-        if shares is None:
+        if costs is None:
             per_rank = math.ceil(len(mbs) / world_size)
             shards = [mbs[r * per_rank: (r + 1) * per_rank] for r in range(world_size)]
         else:
             mb_cost = [sum(c) for c in _chunks(_cost(rows), micro_batch_size)]
-            shards = [mbs[a:b] for a, b in _runs(mb_cost, shares)]
+            shards = [mbs[a:b] for a, b in _partition(mb_cost, costs)[0]]
         count = max(len(s) for s in shards) if lockstep else 1
         return [s + [filler(mbs[-1])] * (count - len(s)) for s in shards]
-    # lockstep with shares: runs of rows (whole units), each cut into the same number of micro-batches
+    # Lockstep with costs: runs of rows (whole units), each cut into the same number of
+    # micro-batches. More micro-batches let a fast rank hold more rows (each stays within
+    # micro_batch_size) but cost every rank its per-micro-batch time: try each count.
     unit_cost = [sum(c) for c in _chunks(_cost(rows), unit)]
-    runs = [(a * unit, min(b * unit, len(rows))) for a, b in _runs(unit_cost, shares)]
     per_mb = max(1, micro_batch_size // unit)  # units per micro-batch
-    count = max(math.ceil((b - a) / unit / per_mb) for a, b in runs)
+    least = math.ceil(len(unit_cost) / (world_size * per_mb))
+    best_t, runs, count = math.inf, [], least
+    for c in range(least, math.ceil(len(unit_cost) / per_mb) + 1):
+        if c * min(r.per_micro_batch_s for r in costs) >= best_t:
+            break  # the fixed cost alone exceeds the best plan so far
+        got, t = _partition(unit_cost, costs, count=c, cap=c * per_mb)
+        if t < best_t:
+            best_t, runs, count = t, got, c
     shards = []
     for a, b in runs:
-        units = math.ceil((b - a) / unit)
+        units = b - a
         sizes = [units // count + (1 if i < units % count else 0) for i in range(count)]
-        out, at = [], a
+        out, at = [], a * unit
         for size in sizes:
             if size:
-                out += _micro_batches(_slice(rows, at, at + size * unit), size * unit, pad_id)
-                at += size * unit
+                end = min(at + size * unit, len(rows))
+                out += _micro_batches(_slice(rows, at, end), end - at, pad_id)
+                at = end
         shards.append(out)
     some = next(s[0] for s in shards if s)
     return [s + [filler(some)] * (count - len(s)) for s in shards]
 
 
 def _slice(rows, a: int, b: int):
-    return RowRefs(rows.path, rows.ids[a:b]) if isinstance(rows, RowRefs) else rows[a:b]
+    return replace(rows, ids=rows.ids[a:b]) if isinstance(rows, RowRefs) else rows[a:b]
 
 
 def _chunks(xs: list, n: int) -> list[list]:

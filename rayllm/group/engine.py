@@ -212,7 +212,7 @@ class RankEngine:
             self.engine.enable_backward_allreduce = False
         self.step_count = 0
         self._throttle = float(cfg.elastic.throttle.get(self.rank, 1.0))
-        self.last_work = {"busy_s": 0.0, "work_tokens": 0}  # of the last forward call (speed.py)
+        self.last_work = {"busy_s": 0.0, "work_tokens": 0, "samples": []}  # of the last forward call (speed.py)
         if restore and trainable:
             from rayllm.group.state import restore as restore_state
 
@@ -346,7 +346,7 @@ class RankEngine:
         with self._clock() as comm:
             timer = BusyTimer(comm, self._throttle)
             for mb in micro_batches:
-                with timer.micro_batch():
+                with timer.micro_batch(int(mb["attention_mask"].sum())):
                     s, n, extra = fn(self, mb, **loss_kwargs)
                     self.engine.backward(s * scale, scale_wrt_gas=False)
                 loss_sum, tokens = loss_sum + s.item(), tokens + n
@@ -370,7 +370,7 @@ class RankEngine:
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": self.engine.get_lr()[0],
             "compute_s": time.perf_counter() - t0,
-            "busy_s": timer.busy_s, "work_tokens": _work_tokens(micro_batches),
+            "busy_s": timer.busy_s, "work_tokens": _work_tokens(micro_batches), "samples": timer.samples,
         }
         if self.cfg.precision.dtype == "fp16":
             out["loss_scale"] = float(self.engine.optimizer.cur_scale if hasattr(self.engine.optimizer, "cur_scale")
@@ -388,9 +388,9 @@ class RankEngine:
             for mb in micro_batches:
                 mb = self._to_device(mb)
                 tokens += _work_tokens([mb])
-                with timer.micro_batch():
+                with timer.micro_batch(int(mb["attention_mask"].sum())):
                     out.append(fn(mb))
-        self.last_work = {"busy_s": timer.busy_s, "work_tokens": tokens}
+        self.last_work = {"busy_s": timer.busy_s, "work_tokens": tokens, "samples": timer.samples}
         return out
 
     def eval_loss(self, micro_batches: list[dict]) -> dict[str, float]:

@@ -27,6 +27,24 @@ class Member:
 
 PENDING = object()
 
+_gcs = None
+
+
+def draining_nodes(timeout_s: float) -> set[str]:
+    """Ids (hex) of the nodes Ray is draining: `ray drain-node`, or the autoscaler taking a node
+    away (idle or preempted). Read from the GCS, as Ray Serve's controller does (Ray has no public
+    call for it); empty when the GCS does not answer in time, so a boundary never waits on it."""
+    global _gcs
+    try:
+        address = ray.get_runtime_context().gcs_address
+        if _gcs is None or _gcs[0] != address:  # one client per cluster (a driver may connect to another)
+            from ray._raylet import GcsClient
+
+            _gcs = (address, GcsClient(address=address))
+        return set(_gcs[1].get_draining_nodes(timeout=timeout_s))
+    except Exception:  # noqa: BLE001 - a GCS hiccup must not stop training; the next boundary asks again
+        return set()
+
 # Errors that say the input (a batch, a loss argument, a config) is wrong: the same on any rank
 # set, so a retry cannot help and they are raised to the caller at once.
 INPUT_ERRORS = (ValueError, TypeError, KeyError, IndexError, NotImplementedError, AssertionError)

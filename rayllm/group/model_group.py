@@ -8,12 +8,9 @@ import json
 import os
 import shutil
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayllm.chaos import Chaos
 from rayllm.config import GroupConfig
@@ -21,40 +18,13 @@ from rayllm.data.stream import RowRefs
 from rayllm.env import worker_env
 from rayllm.group import batching
 from rayllm.group.membership import Member, Timings
+from rayllm.group.placement import Placement, RankSlots
 from rayllm.group.recovery import Pending, Recovery
 from rayllm.group.shm import release_shm
 from rayllm.group.speed import SpeedBook
 from rayllm.group.worker import ModelWorker
 from rayllm.io import write_json_atomic, write_text_atomic
 from rayllm.remote import gather
-
-
-@dataclass
-class Placement:
-    """Bundles ranks are placed on. Groups colocated on one Placement each take `share` of every
-    bundle, so e.g. a policy and its reference model sit on the same devices."""
-
-    pg: PlacementGroup
-    cpus: float
-    gpus: float
-    share: float = 1.0
-
-    @classmethod
-    def create(cls, num_bundles: int, cpus: float, gpus: float = 0.0, share: float = 1.0,
-               strategy: str = "PACK", timeout_s: float = 120.0) -> "Placement":
-        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-        pg = placement_group([dict(bundle) for _ in range(num_bundles)], strategy=strategy)
-        if not pg.wait(timeout_s):
-            remove_placement_group(pg)
-            raise RuntimeError(
-                f"placement group of {num_bundles} x {bundle} not schedulable within {timeout_s:.0f} s; "
-                f"cluster has {ray.cluster_resources()}"
-            )
-        return cls(pg, cpus, gpus, share)
-
-    @property
-    def num_bundles(self) -> int:
-        return len(self.pg.bundle_specs)
 
 
 _FORMATIONS = itertools.count()
@@ -114,12 +84,21 @@ class ModelGroup(Recovery):
         self.name, self.cfg, self.kind, self.pad_id = name, cfg, kind, pad_id
         self.model_path = str(model_path)
         self._own_placement = placement is None
-        self.placement = placement or Placement.create(cfg.num_ranks, cfg.cpus_per_rank, cfg.gpus_per_rank)
-        if self.placement.num_bundles < cfg.num_ranks:
-            raise ValueError(f"group {name!r}: {cfg.num_ranks} ranks but only {self.placement.num_bundles} bundles")
+        least, most = cfg.size_range
+        if placement is not None and least != most:
+            raise ValueError(f"group {name!r}: num_ranks {list(cfg.size_range)} is a range, which needs the "
+                             "group's own placement (a placement per rank slot); a shared one is fixed")
+        if placement is None and least != most:  # sized as a range: one placement group per slot
+            self.placement = RankSlots(most, cfg.cpus_per_rank, cfg.gpus_per_rank)
+            slots = self.placement.wait_for(least, cfg.elastic.start_timeout_s, name)
+        else:
+            self.placement = placement or Placement.create(most, cfg.cpus_per_rank, cfg.gpus_per_rank)
+            if self.placement.num_bundles < most:
+                raise ValueError(f"group {name!r}: {most} ranks but only {self.placement.num_bundles} bundles")
+            slots = range(most)
         self._trainable, self._total_steps, self._timeout_s = trainable, total_steps, setup_timeout_s
         self._member_ids = itertools.count()
-        self.members: list[Member] = [self._spawn(i) for i in range(cfg.num_ranks)]
+        self.members: list[Member] = [self._spawn(i) for i in slots]
         self._joining: list[tuple[Member, ray.ObjectRef]] = []  # replacements starting up
         self._leave_ids: dict[int, str] = {}  # member id -> why it was told to leave (it goes at a boundary)
         self._masters: list[tuple[str, int]] = []  # every group formed, for shm cleanup
@@ -144,8 +123,7 @@ class ModelGroup(Recovery):
         mid = next(self._member_ids)
         actor = ModelWorker.options(
             num_cpus=p.cpus * p.share, num_gpus=p.gpus * p.share, name=None,
-            runtime_env={"env_vars": worker_env()},
-            scheduling_strategy=PlacementGroupSchedulingStrategy(p.pg, placement_group_bundle_index=bundle),
+            runtime_env={"env_vars": worker_env()}, scheduling_strategy=p.strategy(bundle),
         ).remote(mid)
         return Member(mid, actor, bundle)
 
@@ -251,21 +229,21 @@ class ModelGroup(Recovery):
         return Pending(self, "train_step", launch, finish, commit_step=target)
 
     def _plan(self, kind: str, rows, lockstep: bool, unit: int = 1, planned: list | None = None) -> list:
-        """The batch cut over the members present, in proportion to their measured speeds when
+        """The batch cut over the members present, balancing their measured costs when
         elastic.balance is on (docs/heterogeneous.md); `planned` gets the members it was cut for."""
         ids = [m.id for m in self.members]
-        shares = self.speeds.shares(kind, ids) if self.cfg.elastic.balance else None
+        costs = self.speeds.costs(kind, ids) if self.cfg.elastic.balance else None
         if planned is not None:
-            planned[:] = [(ids, shares)]
-        return batching.plan(rows, self.world_size, self.cfg.micro_batch_size, self.pad_id, shares=shares,
+            planned[:] = [(ids, costs)]
+        return batching.plan(rows, self.world_size, self.cfg.micro_batch_size, self.pad_id, costs=costs,
                              lockstep=lockstep, unit=unit, by_rows=self.cfg.elastic.lockstep_split == "rows")
 
     def _record_speeds(self, kind: str, planned: tuple, work: list[dict]) -> dict:
-        """Each member's tokens per busy second into the speed book; the step's view of it: the
+        """Each member's micro-batch timings into the speed book; the step's view of it: the
         world size, each rank's share of the tokens computed and its speed."""
         ids, _ = planned
         for mid, w in zip(ids, work):
-            self.speeds.add(kind, mid, w["work_tokens"], w["busy_s"])
+            self.speeds.add(kind, mid, w["samples"])
         total = sum(w["work_tokens"] for w in work)
         return {"world_size": len(ids),
                 "rank_shares": [round(w["work_tokens"] / max(1, total), 4) for w in work],
@@ -443,8 +421,8 @@ class ModelGroup(Recovery):
         self.members, self._joining = [], []
         for addr, port in self._masters:
             release_shm(addr, port)
-        if self._own_placement:
-            remove_placement_group(self.placement.pg)
+        if self._own_placement and getattr(self, "placement", None) is not None:
+            self.placement.remove()
 
 
 def _merge_steps(res: list[dict]) -> dict:

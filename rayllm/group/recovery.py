@@ -9,13 +9,17 @@ faults is here.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import ray
 
-from rayllm.group.membership import (INPUT_ERRORS, PENDING, Member, cause, evict, is_comm_error, is_dead, settle,
-                                      unresponsive)
+from rayllm.group.membership import (INPUT_ERRORS, PENDING, Member, cause, draining_nodes, evict, is_comm_error,
+                                      is_dead, settle, unresponsive)
+from rayllm.group.placement import BelowMinimum
 from rayllm.remote import CallTimeout
+
+log = logging.getLogger(__name__)
 
 
 class StateLost(RuntimeError):
@@ -27,7 +31,10 @@ class Recovery:
     """Commit or discard, eviction, re-formation and joins, for ModelGroup (see the module docstring)."""
 
     def admit(self) -> bool:
-        """At a step boundary: replacements that are ready join, with state from their peers."""
+        """At a step boundary: replacements that are ready join, with state from their peers; a
+        group sized as a range first starts a rank on each slot Ray has placed since (it warms up
+        in the background and joins at a later boundary, as a replacement does)."""
+        self._grow()
         if not self._joining:
             return False
         ready = [(m, r) for m, r in self._joining if ray.wait([r], timeout=0)[0]]
@@ -49,6 +56,36 @@ class Recovery:
                             "epoch": self.epoch, "step": self.step, "world_size": self.world_size,
                             "join_s": round(time.time() - t0, 3), "rank_setup_s": round(self.last_setup_s, 3)})
         return True
+
+    def _grow(self) -> None:
+        used = {m.bundle for m in self.members} | {m.bundle for m, _ in self._joining}
+        if len(used) >= self.cfg.max_ranks:
+            return
+        for slot in self.placement.placed():
+            if slot not in used:
+                new = self._spawn(slot)
+                self._joining.append((new, new.actor.ready.remote(self.model_path, self.kind)))
+
+    def _wait_for_minimum(self) -> None:
+        """Below a range's min at a step boundary: wait for ranks to be placed and join, up to
+        elastic.min_wait_s, saying what it waits for; then BelowMinimum, naming why. Nothing
+        committed is lost: the group is as the last committed step left it."""
+        least, wait_s = self.cfg.min_ranks, self.cfg.elastic.min_wait_s
+        if self.world_size >= least:
+            return
+        t0 = time.monotonic()
+        self.events.append({"event": "below_min", "group": self.name, "world_size": self.world_size, "min": least,
+                            "step": self.step, "epoch": self.epoch, "wait_s": wait_s})
+        log.warning("%s; waiting up to %g s", self.placement.why(self.name, least, self.world_size, "at a step boundary"),
+                    wait_s)
+        while self.world_size < least:
+            if time.monotonic() - t0 > wait_s:
+                raise BelowMinimum(self.placement.why(self.name, least, self.world_size,
+                                                      f"after waiting {wait_s:g} s at step {self.step}"))
+            if not self.admit():
+                time.sleep(0.2)
+        self.events.append({"event": "min_reached", "group": self.name, "world_size": self.world_size,
+                            "step": self.step, "epoch": self.epoch, "waited_s": round(time.monotonic() - t0, 3)})
 
     def wait_for_replacements(self, timeout_s: float = 300.0) -> None:
         """Block until every replacement started so far has joined (tests, and a stage's end)."""
@@ -91,6 +128,7 @@ class Recovery:
         if self._broken:
             self.setup(self._sources() if self._trainable else None)
         self.admit()
+        self._wait_for_minimum()
 
     def leave(self, rank: int) -> None:
         """Tell rank `rank` (of the current membership) to leave: it goes at the next step boundary,
@@ -100,8 +138,8 @@ class Recovery:
         self._leave_ids[self.members[rank].id] = "driver"
 
     def _let_leave(self) -> None:
-        """Members told to leave (by leave(), or a SIGTERM to their process, read from their control
-        thread) are dropped: the rest re-form with the committed state from the snapshots, the
+        """Members told to leave (by leave(), a SIGTERM to their process, read from their control
+        thread, or their node being drained, read from the GCS) are dropped: the rest re-form with the committed state from the snapshots, the
         leavers' own included (they are alive until it is read), then the leavers are ended. Nothing
         is retried: the last step was committed. A member that does not answer is left to the fault
         path of the next call."""
@@ -109,6 +147,10 @@ class Recovery:
         for m, told in zip(self.members, flags):
             if told is True:
                 self._leave_ids.setdefault(m.id, "sigterm")
+        drained = draining_nodes(self.cfg.elastic.ping_timeout_s)
+        for m in self.members:
+            if m.node_id in drained:
+                self._leave_ids.setdefault(m.id, "drained")
         going = [m for m in self.members if m.id in self._leave_ids]
         if not going:
             return
@@ -123,6 +165,7 @@ class Recovery:
         for m in going:
             settle([m.actor.close.remote()], self.cfg.elastic.ping_timeout_s, 0.0)
             ray.kill(m.actor, no_restart=True)
+            self.placement.renew(m.bundle)  # a range asks for the slot again, wherever there is room
             self.speeds.forget(m.id)
             self.events.append({"event": "leave", "group": self.name, "member": m.id, "rank": ranks[m.id],
                                 "pid": m.pid, "reason": self._leave_ids.pop(m.id), "step": self.step,

@@ -12,6 +12,7 @@ import time
 import ray
 
 from rayllm.env import apply_worker_env
+from rayllm.leave_notice import LeaveNotice
 
 
 @ray.remote(concurrency_groups={"control": 1})
@@ -23,23 +24,7 @@ class ModelWorker:
         self.member_id = member_id
         # (epoch, member id, step) -> snapshot: this rank's own (its member id) and its neighbour's copy
         self._snapshots: dict[tuple[int, int, int], dict] = {}
-        # SIGTERM (a spot preemption notice, a node being drained) asks the rank to leave: the call in
-        # flight runs on, and the driver ends the rank at the next step boundary (docs/heterogeneous.md).
-        # Ray's own handler would exit the process at once. Python runs handlers in the main thread,
-        # where Ray builds the actor.
-        self._told_to_leave = False
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            ray_handler = signal.getsignal(signal.SIGTERM)
-
-            def on_sigterm(signum, frame):  # a second SIGTERM ends the process, as Ray's handler would
-                if self._told_to_leave:
-                    ray_handler(signum, frame) if callable(ray_handler) else os._exit(128 + signum)
-                self._told_to_leave = True
-
-            signal.signal(signal.SIGTERM, on_sigterm)
+        self._leave = LeaveNotice()  # SIGTERM: leave at the next step boundary
 
     @ray.method(concurrency_group="control")
     def ping(self) -> int:
@@ -48,7 +33,7 @@ class ModelWorker:
     @ray.method(concurrency_group="control")
     def leaving(self) -> bool:
         """Whether this rank was told to leave (SIGTERM)."""
-        return self._told_to_leave
+        return self._leave.given
 
     @ray.method(concurrency_group="control")
     def pid(self) -> int:

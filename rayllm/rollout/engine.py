@@ -22,6 +22,7 @@ class RolloutEngine:
     def __init__(self, index: int, model_path: str, tokenizer_path: str, cfg_json: str):
         from rayllm.config import RolloutConfig
         from rayllm.env import apply_worker_env, cache_dir, has_cuda
+        from rayllm.leave_notice import LeaveNotice
 
         apply_worker_env()
         cfg = RolloutConfig.model_validate_json(cfg_json)
@@ -46,12 +47,24 @@ class RolloutEngine:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
         self.chunks = 0
+        # SIGTERM: finish the chunks held, take no more, then go. Installed after the backend, so
+        # that no handler the backend sets replaces it.
+        self._leave = LeaveNotice()
         self._die_at: int | None = None
         self._corrupt_loads = 0
 
     @ray.method(concurrency_group="control")
     def ping(self) -> int:
         return os.getpid()
+
+    @ray.method(concurrency_group="control")
+    def chunks_served(self) -> int:
+        return self.chunks
+
+    @ray.method(concurrency_group="control")
+    def leaving(self) -> bool:
+        """Whether this engine was told to leave (SIGTERM)."""
+        return self._leave.given
 
     def info(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}

@@ -26,7 +26,7 @@ import ray
 from rayllm.chaos import Chaos, send_signal
 from rayllm.config import RolloutConfig, SamplingConfig
 from rayllm.env import cache_dir, has_cuda, worker_env
-from rayllm.group.membership import Timings
+from rayllm.group.membership import Timings, settle
 from rayllm.remote import CallTimeout, gather
 from rayllm.rollout import verify as check
 from rayllm.rollout.engine import RolloutEngine
@@ -51,13 +51,14 @@ class RolloutPool(WeightPush):
         self._weights: tuple[ray.ObjectRef, dict | None] | None = None  # latest push, for restarts
         self._source: tuple[object, dict | None] | None = None  # (policy group, LoRA merge spec) of it
         self._channel_key: tuple | None = None  # (group formation, engine launches) the open channel joins
-        self._launches = [0] * cfg.num_engines  # how often each engine slot was (re)started
+        least, most = cfg.engine_range
+        self._launches = [0] * most  # how often each engine slot was (re)started
         self.restarts = 0
         self.requeued = 0
         self._probe_rows: list[list[int]] | None = None
         self._want: list | None = None  # the trainer's probe log-probs of the last verified push
         self._version = 0  # weight pushes begun; _loaded[i]: the one engine i started with
-        self._loaded = [0] * cfg.num_engines
+        self._loaded = [0] * most
         self._weights_version = 0  # the push whose weights self._weights holds
         self._chaos = Chaos(name, cfg.chaos)
         e = cfg.elastic
@@ -65,12 +66,13 @@ class RolloutPool(WeightPush):
         self.events: list[dict] = []  # engine faults, drained with take_events()
         self._calls = {"generate": 0, "push": 0}
         self.verified_replacements = 0
-        self.engines: list = [None] * cfg.num_engines
-        self._info: list[dict | None] = [None] * cfg.num_engines
+        self.engines: list = [None] * most
+        self._info: list[dict | None] = [None] * most
         self._starting: dict[ray.ObjectRef, int] = {}
-        for i in range(cfg.num_engines):
+        self._leaving: dict[int, str] = {}  # engine -> why it goes once its chunks are back
+        for i in range(most):
             self._start(i)
-        self._wait_started(cfg.start_timeout_s)
+        self._wait_started(cfg.start_timeout_s, least=least)
 
     # ---- engines ------------------------------------------------------------------------------
     def _start(self, i: int) -> None:
@@ -92,17 +94,77 @@ class RolloutPool(WeightPush):
             ready = _after(handle.load_weights.remote(ref, lora), handle)
         self._starting[ready] = i
 
-    def _wait_started(self, timeout_s: float | None, check: bool = True) -> None:
-        """Wait for starting engines; a start-up failure is raised with its cause."""
-        for ref, i in list(self._starting.items()):
+    def _wait_started(self, timeout_s: float | None, check: bool = True, least: int | None = None) -> None:
+        """Wait until `least` engines are up (default: every one starting), taking in each that
+        is; a start-up failure is raised with its cause. Engines not yet placed (a range's beyond
+        its min, on a cluster without room yet) stay starting and join when they are up."""
+        refs = list(self._starting)
+        need = len(self._alive()) + len(refs) if least is None else least
+        short = need - len(self._alive())
+        if short > 0 and refs:
+            ray.wait(refs, num_returns=min(short, len(refs)), timeout=timeout_s)
+        ready = ray.wait(refs, num_returns=len(refs), timeout=0)[0] if refs else []
+        for ref in ready:
+            i = self._starting[ref]
             try:
-                self._info[i] = ray.get(ref, timeout=timeout_s)
+                self._info[i] = ray.get(ref, timeout=0)
             except Exception as e:  # noqa: BLE001 - the cause is reported
                 self.shutdown()
                 raise EngineStartError(f"{self.name}: engine {i} failed to start: {cause(e)}") from None
             del self._starting[ref]
             if check:
                 self._check_joined(i)
+        if len(self._alive()) < need:
+            pending = sorted(self._starting.values())
+            up = len(self._alive())
+            self.shutdown()
+            raise EngineStartError(
+                f"{self.name}: engine(s) {pending} not up within {timeout_s:g} s (rollout.start_timeout_s): {up} up, "
+                f"{need} needed. Each asks for {self.cfg.cpus_per_engine:g} CPU; the cluster has "
+                f"{ray.available_resources()} free")
+
+    def add_engine(self) -> int:
+        """Start one more engine (a node was added, or more rollout throughput is wanted): it joins
+        the pool once up, with the latest pushed weights, verified, and takes chunks from then on,
+        even in the middle of a generate call. Returns its index."""
+        i = len(self.engines)
+        self.engines.append(None)
+        self._info.append(None)
+        self._launches.append(0)
+        self._loaded.append(0)
+        self._start(i)
+        return i
+
+    def leave(self, i: int, reason: str = "driver") -> None:
+        """Tell engine i to go: it takes no new chunk, the ones it holds come back (none is lost),
+        then it is closed and not replaced."""
+        if not 0 <= i < len(self.engines) or self.engines[i] is None:
+            raise ValueError(f"{self.name}: no engine {i}")
+        self._leaving.setdefault(i, reason)
+
+    def _notices(self, engines: list[int]) -> None:
+        """Engines whose process got SIGTERM (a preemption notice) are told to leave: asked on
+        their control thread, within elastic.ping_timeout_s (one that does not answer is left to
+        the fault path)."""
+        engines = [i for i in engines if self.engines[i] is not None and i not in self._leaving]
+        if not engines:
+            return
+        for i, told in zip(engines, settle([self.engines[i].leaving.remote() for i in engines],
+                                           self.cfg.elastic.ping_timeout_s, 0.0)):
+            if told is True:
+                self._leaving[i] = "sigterm"
+
+    def _retire(self, i: int) -> None:
+        """An engine told to leave, with none of its chunks out: closed, ended, not replaced."""
+        handle, info = self.engines[i], self._info[i]
+        self.engines[i], self._info[i] = None, None
+        settle([handle.close.remote()], self.cfg.elastic.ping_timeout_s, 0.0)
+        ray.kill(handle, no_restart=True)
+        if info:
+            shutil.rmtree(cache_dir() / "tmp" / f"rollout-{i}-{info['pid']}", ignore_errors=True)
+        self.events.append({"event": "leave", "group": self.name, "rank": i, "reason": self._leaving.pop(i),
+                            "pid": info and info["pid"], "call": "generate", "step": self._calls["generate"],
+                            "engines": len(self._alive())})
 
     def _poll_started(self, check: bool = True) -> None:
         """Engines started to replace dead ones join once ready (without blocking)."""
@@ -181,7 +243,7 @@ class RolloutPool(WeightPush):
         info, self.engines[i], self._info[i] = self._info[i], None, None
         if info:
             shutil.rmtree(cache_dir() / "tmp" / f"rollout-{i}-{info['pid']}", ignore_errors=True)
-        if self.cfg.restart_dead:
+        if self._leaving.pop(i, None) is None and self.cfg.restart_dead:  # a leaver is not replaced
             self.restarts += 1
             self._start(i)
 
@@ -202,6 +264,10 @@ class RolloutPool(WeightPush):
         done: dict[int, list[Sample]] = {}
 
         def dispatch(i: int) -> None:
+            if i in self._leaving:
+                if not any(e == i for e, _, _, _ in inflight.values()):
+                    self._retire(i)  # its chunks are all back: nothing of it is lost
+                return
             if todo:
                 start = todo.popleft()
                 ref = self.engines[i].generate.remote(prompts[start:start + c], start, s_json, key)
@@ -212,6 +278,10 @@ class RolloutPool(WeightPush):
                 started[ref] = time.monotonic()
 
         self._poll_started()
+        self._notices(self._alive())
+        if self._alive() and all(i in self._leaving for i in self._alive()) and not self._starting:
+            raise RuntimeError(f"{self.name}: every rollout engine was told to leave {sorted(self._leaving)}; "
+                               "generation cannot go on without one")
         for _ in range(2):
             for i in self._alive():
                 dispatch(i)
@@ -220,8 +290,8 @@ class RolloutPool(WeightPush):
         while inflight or todo:
             if not inflight:  # every engine is down: wait for a replacement
                 if not self._starting:
-                    raise RuntimeError(f"{self.name}: every rollout engine died; {len(todo)} chunk(s) left")
-                self._wait_started(self.cfg.start_timeout_s)
+                    raise RuntimeError(f"{self.name}: every rollout engine died or left; {len(todo)} chunk(s) left")
+                self._wait_started(self.cfg.start_timeout_s, least=1)
                 for i in self._alive():
                     dispatch(i)
                 continue
@@ -267,6 +337,7 @@ class RolloutPool(WeightPush):
                 continue
             if start not in done:
                 done[start] = samples
+            self._notices([i])  # a SIGTERM since its last chunk: it takes no more
             dispatch(i)
         return [x for start in sorted(done) for x in done[start]]
 

@@ -73,7 +73,7 @@ class WeightPush:
                 # verification: replace what died and push again to the engines alive. A
                 # replacement loads the pushed weights and is verified when it joins.
                 lost += 1
-                if lost > self.cfg.num_engines + 2:
+                if lost > len(self.engines) + 2:
                     raise RuntimeError(f"{self.name}: the weight push was interrupted {lost} times: {e}") from None
                 log.warning("%s; pushing again", e)
                 self._channel_key = None

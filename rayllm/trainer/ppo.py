@@ -104,7 +104,11 @@ def placements(cfgs: dict[str, GroupConfig]) -> dict[str, Placement]:
         if len(members) < 2:
             continue
         c = [cfgs[m] for m in members]
-        place = Placement.create(max(x.num_ranks for x in c), max(x.cpus_per_rank for x in c),
+        ranged = [m for m, x in zip(members, c) if x.size_range[0] != x.size_range[1]]
+        if ranged:
+            raise ValueError(f"{ranged[0]}: num_ranks is a range, which needs the group's own placement; "
+                             f"{', '.join(m for m in members if m != ranged[0])} cannot be colocated with it")
+        place = Placement.create(max(x.max_ranks for x in c), max(x.cpus_per_rank for x in c),
                                  max(x.gpus_per_rank for x in c), share=1.0 / len(members))
         out.update({m: place for m in members})
     return out

@@ -85,7 +85,7 @@ class PackedRows:
         return [int(i) for i in self.order(epoch)[k * self.global_batch: (k + 1) * self.global_batch]]
 
     def batch(self, step: int) -> RowRefs:
-        return RowRefs(self.source.path, tuple(self.batch_ids(step)))
+        return RowRefs(self.source.path, tuple(self.batch_ids(step)), self.source.seq_len)
 
     @property
     def fingerprint(self) -> str:
@@ -103,7 +103,7 @@ def load_sft_data(stage: SFT, out_dir: Path, tok_path: str, seed: int, say=print
         n_eval = max(1, round(len(source) * d.eval_fraction))
         held_ids = np.sort(np.random.default_rng([seed, 7]).choice(len(source), n_eval, replace=False))
         train = PackedRows(source, G, seed, d.shuffle_window, held_ids)
-        return train, RowRefs(source.path, tuple(int(i) for i in held_ids)), {
+        return train, RowRefs(source.path, tuple(int(i) for i in held_ids), source.seq_len), {
             "prepared": d.prepared, "packed_rows": len(source), "seq_len": source.seq_len}
 
     records = load_records(d, seed)

@@ -56,30 +56,46 @@ def _even_losses(stage: int, tiny_path) -> list[float]:
     return _EVEN[stage]
 
 
-@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), 2])
-def test_rank_throttled_2x_gets_about_a_third_of_each_step_and_the_losses_equal_the_unthrottled_run(
-        stage, tiny_path):
+def _throttled_run(stage: int, tiny_path) -> tuple[list[dict], list[float]]:
+    """8 steps with rank 1 throttled 2x, checked for an exact global batch at every step; the
+    steps and the even split's losses."""
     even = _even_losses(stage, tiny_path)
     g = _group(stage, tiny_path, throttle={1: 2.0})
     try:
         steps = _train(g)
     finally:
         g.shutdown()
-    losses = [m["loss"] for m in steps]
     # Every step trained on the whole global batch: its target tokens all counted, on the two ranks.
     expected_tokens = [sum(sum(r["loss_mask"][1:]) for r in long_rows(ROWS, seed=s)) for s in range(STEPS)]
     assert [m["tokens"] for m in steps] == expected_tokens
     assert all(m["world_size"] == 2 for m in steps)
-    # The first step is cut evenly (nothing measured yet); from the second on, the slow rank's share
-    # of the tokens computed follows its measured speed, about 1/3 (micro-batch or row granularity).
-    assert steps[0]["rank_shares"][1] == pytest.approx(0.5, abs=0.07)
+    assert steps[0]["rank_shares"][1] == pytest.approx(0.5, abs=0.07)  # nothing measured yet: even
+    return steps, even
+
+
+def test_rank_throttled_2x_below_zero2_gets_about_a_third_of_each_step_and_the_losses_equal_the_even_split(
+        tiny_path):
+    steps, even = _throttled_run(0, tiny_path)
+    # From the second step on, the slow rank's share of the tokens follows its measured speed: about
+    # 1/3, in whole micro-batches of the even split (8 per step: 3 or 2 of them).
     later = [m["rank_shares"][1] for m in steps[2:]]
     assert 0.2 <= sum(later) / len(later) <= 0.42 and all(0.12 <= s <= 0.45 for s in later), later
     speed = [m["rank_tokens_per_s"] for m in steps[2:]]
-    assert all(s0 > 1.5 * s1 for s0, s1 in speed), speed  # rank 1 measured about 2x slower
-    # The update does not depend on the split: below ZeRO-2 the same micro-batches (exact sums), at
-    # ZeRO-2 other micro-batches of the same rows (equal to rounding): the world-size tolerance.
-    assert losses == pytest.approx(even, abs=1e-5, rel=0)
+    # rank 1 measured about 2x slower (over the steps: one step's busy time is noisy on a loaded machine)
+    assert sum(s0 for s0, _ in speed) > 1.5 * sum(s1 for _, s1 in speed), speed
+    # The same micro-batches as the even split's, on other ranks: the sums are exact.
+    assert [m["loss"] for m in steps] == pytest.approx(even, abs=1e-5, rel=0)
+
+
+@pytest.mark.slow
+def test_rank_throttled_2x_in_lockstep_at_zero2_gets_less_than_half_and_the_losses_equal_the_even_split(tiny_path):
+    steps, even = _throttled_run(2, tiny_path)
+    # In lockstep every rank runs as many micro-batches; how far the slow rank's share falls depends
+    # on its fixed cost per micro-batch, which the planner weighs (docs/heterogeneous.md): below half.
+    later = [m["rank_shares"][1] for m in steps[2:]]
+    assert 0.15 <= sum(later) / len(later) < 0.5 and all(0.1 <= s <= 0.55 for s in later), later
+    # Other micro-batches of the same rows: equal to rounding (the world-size invariance tolerance).
+    assert [m["loss"] for m in steps] == pytest.approx(even, abs=1e-5, rel=0)
 
 
 def _gone(pid: int) -> bool:

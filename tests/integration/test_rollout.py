@@ -208,6 +208,44 @@ def test_killed_engine_mid_batch_loses_no_prompt_and_its_replacement_holds_the_l
     assert float((disk_lp - trainer_lp).abs().mean()) > 1e-2
 
 
+def test_engine_added_mid_stage_takes_chunks_and_one_sent_sigterm_mid_batch_leaves_losing_no_prompt(policy, pool):
+    """Engines join and leave the pool as ranks do (docs/heterogeneous.md): one added (a node came)
+    joins with the latest push, verified, and takes chunks; SIGTERM to an engine's process from
+    outside (a preemption notice) mid-batch lets it finish the chunks it holds and take no more:
+    the batch is complete and equals an undisturbed one, and the engine is ended, not replaced."""
+    import threading
+
+    import psutil
+
+    pool.sync(policy)
+    prompts = [[5 + i % 50, 6, 7 + i % 3] for i in range(32)]
+    s = SamplingConfig(n=2, temperature=1.0, max_tokens=6)
+    undisturbed = pool.generate(prompts, s, key=(0, 9))
+    before = len(pool._alive())
+    i = pool.add_engine()
+    pool._wait_started(300)
+    assert len(pool._alive()) == before + 1
+    assert pool.verified_replacements >= 1  # checked against the trainer's probe before generating
+    out = pool.generate(prompts, s, key=(0, 9))
+    assert [x.response_ids for x in out] == [x.response_ids for x in undisturbed]
+    assert ray.get(pool.engines[i].chunks_served.remote()) > 0  # the joiner took chunks
+    pid, restarts = pool._info[i]["pid"], pool.restarts
+    proc = psutil.Process(pid)
+    timer = threading.Timer(0.3, os.kill, (pid, signal.SIGTERM))  # from outside, while the batch runs
+    timer.start()
+    out = pool.generate(prompts, s, key=(0, 9))
+    timer.join()
+    assert sorted((x.prompt_index, x.sample_index) for x in out) == [(p, j) for p in range(32) for j in range(2)]
+    assert [x.response_ids for x in out] == [x.response_ids for x in undisturbed]
+    if pool.engines[i] is not None:  # the notice came after its last chunk: it goes at the next call
+        pool.generate(PROMPTS, GREEDY)
+    leaves = [e for e in pool.take_events() if e["event"] == "leave"]
+    assert [(e["rank"], e["reason"]) for e in leaves] == [(i, "sigterm")]
+    assert pool.engines[i] is None and pool.restarts == restarts and len(pool._alive()) == before
+    _, alive = psutil.wait_procs([proc], timeout=30)
+    assert alive == []
+
+
 def test_each_batch_key_draws_its_own_streams_and_reproduces_them(policy, pool):
     """PPO keys each iteration's batch on (seed, iteration): on the same weights and prompts,
     two iterations sample differently, and the same key samples the same again."""

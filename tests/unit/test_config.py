@@ -56,6 +56,25 @@ def test_cross_field_rules():
     PPO(algo=PPOAlgoConfig(behavior_logprobs="engine", tis_cap=None))
 
 
+def test_num_ranks_takes_a_range_and_refuses_bad_ones_and_colocation():
+    g = GroupConfig(num_ranks=[1, 3])
+    assert g.size_range == (1, 3) and g.min_ranks == 1 and g.max_ranks == 3
+    fixed = GroupConfig(num_ranks=4)
+    assert fixed.size_range == (4, 4) and fixed.min_ranks == 1  # a fixed group goes on with any survivors
+    for bad in ([3, 2], [0, 2], 0):
+        with pytest.raises(ValueError, match="num_ranks must be N >= 1 or \\[min, max\\]"):
+            GroupConfig(num_ranks=bad)
+    with pytest.raises(ValueError, match="is a range, which needs the group's own placement"):
+        GroupConfig(num_ranks=[1, 2], colocate_with="policy")
+    with pytest.raises(ValueError, match="multiple of group.micro_batch_size \\(4\\) x the group's \\(most\\) ranks \\(3\\)"):
+        SFT(group=GroupConfig(num_ranks=[1, 3], micro_batch_size=4), train=TrainConfig(global_batch_size=16))
+
+
+def test_num_ranks_range_from_the_command_line():
+    p = load_pipeline(ROOT / "pipelines/sft_tiny.py", ["sft.group.num_ranks=[1,2]"])
+    assert p.stage("sft").group.size_range == (1, 2)
+
+
 def test_sft_data_sources_are_checked(tmp_path):
     from rayllm import PrepSettings, SFTDataConfig
 
