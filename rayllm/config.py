@@ -125,6 +125,27 @@ class ChaosFault(Strict):
     call: str = "train_step"
 
 
+def _size_range(v: int | tuple[int, int]) -> tuple[int, int]:
+    """A size N or a range [min, max] as (min, max)."""
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _size_checked(name: str, v):
+    lo, hi = _size_range(v)
+    if not 1 <= lo <= hi:
+        raise ValueError(f"{name} must be N >= 1 or [min, max] with 1 <= min <= max; got {v}")
+    return v
+
+
+class RankResources(Strict):
+    """What one rank of a group asks for (GroupConfig.rank_resources): a mixed group's ranks can be
+    of different shapes (GPU types, CPU-only ranks); their work follows measured speed."""
+
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(0.0, ge=0)
+    accelerator_type: str | None = None  # Ray's node label, e.g. "A100", "L4" (GPU nodes only)
+
+
 class GroupConfig(Strict):
     """One model role hosted by `num_ranks` Ray actors, one DeepSpeed rank each."""
 
@@ -142,6 +163,9 @@ class GroupConfig(Strict):
     lora: LoraConfig = LoraConfig()
     cpus_per_rank: float = Field(1.0, gt=0)
     gpus_per_rank: float = Field(0.0, ge=0)
+    # One shape per rank slot (as many as the group's most ranks), in place of cpus/gpus_per_rank:
+    # each rank is placed on what it asks for (docs/heterogeneous.md).
+    rank_resources: list[RankResources] = []
     # Name of another group whose placement-group bundles this one shares.
     colocate_with: str | None = None
     # Deadline of every driver-side wait on this group's ranks (a step, a forward, a checkpoint):
@@ -151,18 +175,12 @@ class GroupConfig(Strict):
     # Faults to inject (tests, game days; docs/elasticity.md). RAYLLM_CHAOS adds to these.
     chaos: list[ChaosFault] = []
 
-    @field_validator("num_ranks")
-    @classmethod
-    def _ranks_positive(cls, v):
-        lo, hi = (v, v) if isinstance(v, int) else v
-        if not 1 <= lo <= hi:
-            raise ValueError(f"num_ranks must be N >= 1 or [min, max] with 1 <= min <= max; got {v}")
-        return v
+    _ranks_positive = field_validator("num_ranks")(lambda v: _size_checked("num_ranks", v))
 
     @property
     def size_range(self) -> tuple[int, int]:
         """(ranks needed to start, ranks asked for): (N, N) for a fixed size."""
-        return (self.num_ranks, self.num_ranks) if isinstance(self.num_ranks, int) else tuple(self.num_ranks)
+        return _size_range(self.num_ranks)
 
     @property
     def min_ranks(self) -> int:
@@ -179,7 +197,19 @@ class GroupConfig(Strict):
         if self.size_range[0] != self.size_range[1] and self.colocate_with:
             raise ValueError(f"num_ranks {list(self.num_ranks)} is a range, which needs the group's own placement; "
                              f"it cannot be colocated with {self.colocate_with!r}")
+        if self.rank_resources:
+            if len(self.rank_resources) != self.max_ranks:
+                raise ValueError(f"rank_resources has {len(self.rank_resources)} shapes for up to {self.max_ranks} "
+                                 "ranks: give one per rank slot")
+            if self.colocate_with:
+                raise ValueError("rank_resources places each rank on its own; it cannot be colocated with "
+                                 f"{self.colocate_with!r}")
         return self
+
+    @property
+    def per_slot_placement(self) -> bool:
+        """A placement group per rank slot: for a range, or ranks of their own shapes."""
+        return self.size_range[0] != self.size_range[1] or bool(self.rank_resources)
 
     @model_validator(mode="after")
     def _offload_needs_zero(self):
@@ -333,18 +363,12 @@ class RolloutConfig(Strict):
     elastic: ElasticConfig = ElasticConfig()
     chaos: list[ChaosFault] = []
 
-    @field_validator("num_engines")
-    @classmethod
-    def _engines_positive(cls, v):
-        lo, hi = (v, v) if isinstance(v, int) else v
-        if not 1 <= lo <= hi:
-            raise ValueError(f"num_engines must be N >= 1 or [min, max] with 1 <= min <= max; got {v}")
-        return v
+    _engines_positive = field_validator("num_engines")(lambda v: _size_checked("num_engines", v))
 
     @property
     def engine_range(self) -> tuple[int, int]:
         """(engines needed to start, engines asked for)."""
-        return (self.num_engines, self.num_engines) if isinstance(self.num_engines, int) else tuple(self.num_engines)
+        return _size_range(self.num_engines)
 
     @property
     def mean_tolerance(self) -> float:

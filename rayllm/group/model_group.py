@@ -85,11 +85,11 @@ class ModelGroup(Recovery):
         self.model_path = str(model_path)
         self._own_placement = placement is None
         least, most = cfg.size_range
-        if placement is not None and least != most:
-            raise ValueError(f"group {name!r}: num_ranks {list(cfg.size_range)} is a range, which needs the "
-                             "group's own placement (a placement per rank slot); a shared one is fixed")
-        if placement is None and least != most:  # sized as a range: one placement group per slot
-            self.placement = RankSlots(most, cfg.cpus_per_rank, cfg.gpus_per_rank)
+        if placement is not None and cfg.per_slot_placement:
+            raise ValueError(f"group {name!r}: num_ranks as a range, or rank_resources, needs the group's own "
+                             "placement (a placement group per rank slot); a shared one is fixed")
+        if cfg.per_slot_placement:
+            self.placement = RankSlots.of(most, cfg.cpus_per_rank, cfg.gpus_per_rank, cfg.rank_resources)
             slots = self.placement.wait_for(least, cfg.elastic.start_timeout_s, name)
         else:
             self.placement = placement or Placement.create(most, cfg.cpus_per_rank, cfg.gpus_per_rank)
@@ -122,7 +122,7 @@ class ModelGroup(Recovery):
         p = self.placement
         mid = next(self._member_ids)
         actor = ModelWorker.options(
-            num_cpus=p.cpus * p.share, num_gpus=p.gpus * p.share, name=None,
+            **p.actor_options(bundle), name=None,
             runtime_env={"env_vars": worker_env()}, scheduling_strategy=p.strategy(bundle),
         ).remote(mid)
         return Member(mid, actor, bundle)

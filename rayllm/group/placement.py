@@ -20,8 +20,18 @@ class BelowMinimum(RuntimeError):
     more within the wait: the message names the group, its minimum, what is present and why."""
 
 
-def _bundle(cpus: float, gpus: float) -> dict:
-    return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+def _bundle(cpus: float, gpus: float, accelerator_type: str | None = None) -> dict:
+    """A Ray bundle; an accelerator type is Ray's own `accelerator_type:<T>` node resource (each GPU
+    node advertises its type, and a tiny amount of it pins a bundle to such a node)."""
+    return {"CPU": cpus, **({"GPU": gpus} if gpus else {}),
+            **({f"accelerator_type:{accelerator_type}": 0.001} if accelerator_type else {})}
+
+
+def _actor_options(bundle: dict, share: float) -> dict:
+    """Ray actor options that take `share` of `bundle`."""
+    extra = {k: v * share for k, v in bundle.items() if k not in ("CPU", "GPU")}
+    return {"num_cpus": bundle["CPU"] * share, "num_gpus": bundle.get("GPU", 0.0) * share,
+            **({"resources": extra} if extra else {})}
 
 
 @dataclass
@@ -54,13 +64,8 @@ class Placement:
     def strategy(self, slot: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=slot)
 
-    def placed(self) -> list[int]:
-        """Slots offered for growth: none. A fixed-size group's ranks are started with it and
-        replaced after a fault (elastic.replace); a bundle left free by a leave stays free."""
-        return []
-
-    def renew(self, slot: int) -> None:
-        """A fixed placement keeps its bundles: a slot left is not asked for again."""
+    def actor_options(self, slot: int) -> dict:
+        return _actor_options(_bundle(self.cpus, self.gpus), self.share)
 
     def remove(self) -> None:
         remove_placement_group(self.pg)
@@ -68,34 +73,42 @@ class Placement:
 
 @dataclass
 class RankSlots:
-    """One single-bundle placement group per rank slot, `size` of them, all asked for at once;
+    """One single-bundle placement group per rank slot, each of its own shape (`bundles`: the same
+    for every slot of a range; a rank's own with GroupConfig.rank_resources), all asked for at once;
     those Ray has not placed yet stay pending, and are checked without blocking (`placed`)."""
 
-    size: int
-    cpus: float
-    gpus: float
-    share: float = 1.0
+    bundles: list[dict]
     pgs: list[PlacementGroup] = field(default_factory=list)
     _ready: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for _ in range(self.size):
-            self._ask()
+        for slot in range(len(self.bundles)):
+            self._ask(slot)
 
-    def _ask(self, slot: int | None = None) -> None:
-        pg = placement_group([_bundle(self.cpus, self.gpus)])
-        if slot is None:
+    @classmethod
+    def of(cls, size: int, cpus: float, gpus: float, shapes: list | None = None) -> "RankSlots":
+        """`size` slots of one shape, or one per entry of `shapes` (RankResources)."""
+        if shapes:
+            return cls([_bundle(r.cpus, r.gpus, r.accelerator_type) for r in shapes])
+        return cls([_bundle(cpus, gpus) for _ in range(size)])
+
+    def _ask(self, slot: int) -> None:
+        pg = placement_group([dict(self.bundles[slot])])
+        if slot < len(self.pgs):
+            self.pgs[slot], self._ready[slot] = pg, pg.ready()
+        else:
             self.pgs.append(pg)
             self._ready.append(pg.ready())
-        else:
-            self.pgs[slot], self._ready[slot] = pg, pg.ready()
 
     @property
-    def bundle(self) -> dict:
-        return _bundle(self.cpus, self.gpus)
+    def size(self) -> int:
+        return len(self.bundles)
 
     def strategy(self, slot: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(self.pgs[slot], placement_group_bundle_index=0)
+
+    def actor_options(self, slot: int) -> dict:
+        return _actor_options(self.bundles[slot], 1.0)
 
     def placed(self) -> list[int]:
         """Slots whose placement group Ray has placed, now (no wait)."""
@@ -118,8 +131,11 @@ class RankSlots:
             time.sleep(poll_s)
 
     def why(self, name: str, least: int, present: int, when: str) -> str:
+        placed = set(self.placed())
+        pending = [self.bundles[i] for i in range(self.size) if i not in placed]
+        shapes = sorted({str(b) for b in pending})
         return (f"group {name!r}: {present} rank(s), fewer than its minimum of {least} ({when}); "
-                f"{self.size - len(self.placed())} of {self.size} slots of {self.bundle} are still pending. "
+                f"{len(pending)} of {self.size} slots of {', '.join(shapes) or '-'} are still pending. "
                 f"The cluster has {ray.available_resources()} free of {ray.cluster_resources()}: add nodes "
                 "(or let the autoscaler), or lower the group's num_ranks")
 

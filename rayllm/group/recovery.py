@@ -58,8 +58,9 @@ class Recovery:
         return True
 
     def _grow(self) -> None:
+        least, most = self.cfg.size_range
         used = {m.bundle for m in self.members} | {m.bundle for m, _ in self._joining}
-        if len(used) >= self.cfg.max_ranks:
+        if least == most or len(used) >= most:  # a fixed size grows only by replacements
             return
         for slot in self.placement.placed():
             if slot not in used:
@@ -165,7 +166,8 @@ class Recovery:
         for m in going:
             settle([m.actor.close.remote()], self.cfg.elastic.ping_timeout_s, 0.0)
             ray.kill(m.actor, no_restart=True)
-            self.placement.renew(m.bundle)  # a range asks for the slot again, wherever there is room
+            if self.cfg.size_range[0] != self.cfg.size_range[1]:
+                self.placement.renew(m.bundle)  # a range asks for the slot again, wherever there is room
             self.speeds.forget(m.id)
             self.events.append({"event": "leave", "group": self.name, "member": m.id, "rank": ranks[m.id],
                                 "pid": m.pid, "reason": self._leave_ids.pop(m.id), "step": self.step,

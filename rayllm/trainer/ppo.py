@@ -104,9 +104,9 @@ def placements(cfgs: dict[str, GroupConfig]) -> dict[str, Placement]:
         if len(members) < 2:
             continue
         c = [cfgs[m] for m in members]
-        ranged = [m for m, x in zip(members, c) if x.size_range[0] != x.size_range[1]]
+        ranged = [m for m, x in zip(members, c) if x.per_slot_placement]
         if ranged:
-            raise ValueError(f"{ranged[0]}: num_ranks is a range, which needs the group's own placement; "
+            raise ValueError(f"{ranged[0]}: num_ranks as a range, or rank_resources, needs the group's own placement; "
                              f"{', '.join(m for m in members if m != ranged[0])} cannot be colocated with it")
         place = Placement.create(max(x.max_ranks for x in c), max(x.cpus_per_rank for x in c),
                                  max(x.gpus_per_rank for x in c), share=1.0 / len(members))

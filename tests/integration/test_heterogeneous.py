@@ -139,3 +139,21 @@ def test_a_rank_the_driver_tells_to_leave_goes_at_the_next_boundary_and_the_loss
         assert losses == pytest.approx(expected, abs=1e-5, rel=0)
     finally:
         g.shutdown()
+
+
+def test_ranks_of_different_shapes_are_each_placed_on_what_they_ask_for_and_train_together(tiny_path):
+    import ray
+
+    cfg = GroupConfig(num_ranks=2, zero_stage=0, micro_batch_size=4,
+                      rank_resources=[{"cpus": 1.0}, {"cpus": 0.5}])  # e.g. a big and a small device
+    g = ModelGroup("sft/policy", cfg, tiny_path)
+    try:
+        mine = {pg.id.hex() for pg in g.placement.pgs}
+        table = ray.util.placement_group_table()
+        assert sorted(table[i]["bundles"][0]["CPU"] for i in mine) == [0.5, 1.0]  # one placement group each
+        assert all(table[i]["state"] == "CREATED" for i in mine)
+        rows = long_rows(ROWS, seed=0)
+        m = g.train_step(rows)
+        assert m["world_size"] == 2 and m["tokens"] == sum(sum(r["loss_mask"][1:]) for r in rows)
+    finally:
+        g.shutdown()

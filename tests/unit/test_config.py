@@ -70,6 +70,15 @@ def test_num_ranks_takes_a_range_and_refuses_bad_ones_and_colocation():
         SFT(group=GroupConfig(num_ranks=[1, 3], micro_batch_size=4), train=TrainConfig(global_batch_size=16))
 
 
+def test_rank_resources_need_one_shape_per_slot_and_their_own_placement():
+    g = GroupConfig(num_ranks=[1, 2], rank_resources=[{"gpus": 1, "accelerator_type": "A100"}, {"cpus": 2}])
+    assert g.per_slot_placement and g.rank_resources[1].cpus == 2
+    with pytest.raises(ValueError, match="rank_resources has 1 shapes for up to 2 ranks"):
+        GroupConfig(num_ranks=2, rank_resources=[{"cpus": 1}])
+    with pytest.raises(ValueError, match="cannot be colocated"):
+        GroupConfig(num_ranks=1, rank_resources=[{"cpus": 1}], colocate_with="policy")
+
+
 def test_num_ranks_range_from_the_command_line():
     p = load_pipeline(ROOT / "pipelines/sft_tiny.py", ["sft.group.num_ranks=[1,2]"])
     assert p.stage("sft").group.size_range == (1, 2)
