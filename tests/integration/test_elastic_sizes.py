@@ -149,3 +149,28 @@ def test_range_group_below_its_minimum_after_a_drain_waits_min_wait_s_then_fails
         assert events[-2]["reason"] == "drained"
     finally:
         g.shutdown()
+
+
+@pytest.mark.slow  # two vLLM engines and a cluster; the join and leave of an engine are in test_rollout.py
+def test_engine_pool_sized_1_to_2_generates_with_one_and_takes_in_the_second_when_a_node_is_added(cluster, tiny_path):
+    from rayllm.config import RolloutConfig, SamplingConfig
+    from rayllm.rollout import RolloutPool
+
+    pool = RolloutPool(RolloutConfig(num_engines=[1, 2], chunk_size=2, cpus_per_engine=1, start_timeout_s=300),
+                       tiny_path)
+    try:
+        prompts = [[5 + i % 50, 6, 7 + i % 3] for i in range(16)]
+        s = SamplingConfig(n=1, temperature=0, max_tokens=6)
+        first = pool.generate(prompts, s)
+        assert len(pool._alive()) == 1 and len(pool._starting) == 1  # the second is a pending actor
+        _add_node(cluster)
+        end = time.monotonic() + 300
+        while pool._starting and time.monotonic() < end:
+            pool._poll_started()
+            time.sleep(0.5)
+        assert len(pool._alive()) == 2
+        out = pool.generate(prompts, s)
+        assert [x.response_ids for x in out] == [x.response_ids for x in first]
+        assert all(ray.get(pool.engines[i].chunks_served.remote()) > 0 for i in range(2))
+    finally:
+        pool.shutdown()
