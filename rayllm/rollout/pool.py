@@ -239,6 +239,11 @@ class RolloutPool(WeightPush):
     def _alive(self) -> list[int]:
         return [i for i, e in enumerate(self.engines) if e is not None and self._info[i] is not None]
 
+    def live_engines(self) -> list:
+        """Handles of the engines up now. `engines` is indexed by engine slot and holds None for
+        a slot whose engine left, died or is still starting."""
+        return [self.engines[i] for i in self._alive()]
+
     def _lost(self, i: int) -> None:
         info, self.engines[i], self._info[i] = self._info[i], None, None
         if info:

@@ -41,7 +41,7 @@ def test_push_failing_twice_checkpoints_the_iteration_and_the_rerun_resumes_afte
     def corrupt_the_push_after_iteration_2(self):
         calls["n"] += 1
         if calls["n"] == 2:  # both attempts of this push load corrupted weights
-            ray.get([e.corrupt_next_loads.remote(2) for e in self.pool.engines])
+            ray.get([e.corrupt_next_loads.remote(2) for e in self.pool.live_engines()])
         return real(self)
 
     monkeypatch.setattr(PPOTrainer, "sync", corrupt_the_push_after_iteration_2)

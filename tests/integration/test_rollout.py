@@ -128,7 +128,7 @@ def test_corrupted_or_partial_push_is_caught(policy, pool):
     pool.sync(policy)  # a good push repairs it
     _train(policy, steps=1)
     partial = {k: v for i, (k, v) in enumerate(policy.full_state_dict().items()) if i % 2}
-    ray.get([e.load_weights.remote(partial) for e in pool.engines])
+    ray.get([e.load_weights.remote(partial) for e in pool.live_engines()])
     with pytest.raises(SyncMismatch, match="engine 0"):
         pool.verify(policy)
     pool.sync(policy)
@@ -391,7 +391,7 @@ def test_lora_adapter_arrives_merged(tiny_path, pool, cpool):
         # adapter's effect, so a lost adapter cannot go unnoticed.
         base_only = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v
                      for k, v in g.full_state_dict().items() if "lora_" not in k}
-        ray.get([e.load_weights.remote(base_only) for e in pool.engines])
+        ray.get([e.load_weights.remote(base_only) for e in pool.live_engines()])
         with pytest.raises(SyncMismatch, match="engine 0"):
             pool.verify(g)
     finally:
