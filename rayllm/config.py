@@ -505,6 +505,10 @@ class PPOAlgoConfig(Strict):
     # measures the trainer against the engine directly, so there is no gap left for tis_cap to
     # correct. Sound when the engine computes what the trainer does: the weight push verifies it.
     behavior_logprobs: Literal["trainer", "engine"] = "trainer"
+    # Asynchronous PPO (docs/async_ppo.md): the engines generate the next batches while the
+    # policy trains, each batch from weights at most this many policy updates older than the
+    # policy that trains on it. 0: the synchronous loop (generate, score, train, push in turn).
+    max_staleness: int = Field(0, ge=0)
     ppo_epochs: int = Field(1, ge=1)
     mini_batch_size: int = Field(32, ge=1)  # samples per optimizer step, whole world
 
@@ -568,6 +572,10 @@ class PPO(Strict):
         if self.algo.behavior_logprobs == "engine" and self.algo.tis_cap is not None:
             raise ValueError("algo.tis_cap corrects the gap between trainer and engine log-probs, which "
                              "algo.behavior_logprobs='engine' does not compute: set algo.tis_cap to None")
+        if self.algo.max_staleness and self.algo.behavior_logprobs == "trainer" and self.algo.tis_cap is None:
+            raise ValueError("algo.max_staleness > 0 with behavior_logprobs='trainer' needs algo.tis_cap: the "
+                             "truncated importance weight is what corrects for the older policy that sampled "
+                             "(docs/async_ppo.md); or set behavior_logprobs='engine'")
         if self.algo.advantage in ("grpo", "rloo") and self.rollout.sampling.n < 2:
             raise ValueError(f"algo.advantage {self.algo.advantage!r} compares samples of a prompt: "
                              "rollout.sampling.n must be at least 2")

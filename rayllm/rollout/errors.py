@@ -29,6 +29,11 @@ class PushInterrupted(RuntimeError):
         self.engines, self.group_hit = engines, group_hit
 
 
+class SnapshotLost(RuntimeError):
+    """A snapshot's weights died with the policy rank that held them before every engine had
+    loaded them (async PPO): the trainer takes a new snapshot of the weights it has now."""
+
+
 class EngineStartError(RuntimeError):
     """An engine could not start; the message gives the cause."""
 

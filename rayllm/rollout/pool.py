@@ -60,6 +60,7 @@ class RolloutPool(WeightPush):
         self._version = 0  # weight pushes begun; _loaded[i]: the one engine i started with
         self._loaded = [0] * most
         self._weights_version = 0  # the push whose weights self._weights holds
+        self._push_versions = {0: 0}  # push -> the policy version it carried (async PPO: per sample)
         self._chaos = Chaos(name, cfg.chaos)
         e = cfg.elastic
         self._timings = Timings(e.hang_factor, e.hang_grace_s, e.min_samples, cfg.call_timeout_s)
@@ -341,6 +342,9 @@ class RolloutPool(WeightPush):
                     dispatch(j)
                 continue
             if start not in done:
+                version = self._push_versions[self._loaded[i]]  # pushes never land inside a generate call
+                for x in samples:
+                    x.version = version
                 done[start] = samples
             self._notices([i])  # a SIGTERM since its last chunk: it takes no more
             dispatch(i)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -24,31 +25,97 @@ import ray
 from rayllm.env import has_cuda
 from rayllm.remote import CallTimeout, gather
 from rayllm.rollout import verify as check
-from rayllm.rollout.errors import DEAD, PushInterrupted, SyncMismatch, cause, log
+from rayllm.rollout.errors import DEAD, PushInterrupted, SnapshotLost, SyncMismatch, cause, log
+
+
+@dataclass
+class Snapshot:
+    """Policy weights taken for a later push (WeightPush.capture)."""
+
+    ref: ray.ObjectRef  # the full state dict, held in the object store by policy rank 0
+    lora: dict | None  # how the engines merge it (LoRA), None without
+    want: list | None  # the trainer's probe log-probs of these weights (None: verify off)
+    version: int  # the policy version: its updates so far
+    capture_s: float
 
 
 class WeightPush:
-    """sync(group) and verify(group) for RolloutPool (see the module docstring)."""
+    """sync(group), capture(group) / apply(snapshot) and verify(group) for RolloutPool (see the
+    module docstring)."""
 
     @property
     def transport(self) -> str:
         t = self.cfg.weight_transport
         return ("collective" if has_cuda() else "object_store") if t == "auto" else t
 
-    def sync(self, group) -> dict:
+    def sync(self, group, version: int | None = None) -> dict:
         """Push the policy's current weights into every engine, then verify them; a push that
         fails verification is pushed and verified once more (a transfer can be corrupted once),
         and a second failure raises SyncMismatch. Returns the seconds taken by the gather, the
         push and the verification, the verification's statistics (worst engine) and `attempts`.
+        `version` is the policy version the weights are (its updates so far; default: the count
+        of pushes), recorded per engine and on every sample drawn from them.
 
         The trainer computes its probe log-probs while the engines reload (the ranks are idle
         then), and the engines compute theirs in parallel, so verification adds little more
         than one engine forward to the push."""
         lora = group.lora_merge_spec()  # peft's adapter and per-module scaling; None without LoRA
         self._source = (group, lora)
+
+        def push() -> dict:
+            push = self._sync_collective if self.transport == "collective" else self._sync_object_store
+            return push(group, lora)
+        return self._pushed(push, version, group)
+
+    def capture(self, group, version: int) -> Snapshot:
+        """The policy's weights as they are now, for a push applied later (async PPO,
+        docs/async_ppo.md): the full state dict in the object store and the trainer's probe
+        log-probs of the same weights, both taken before the policy's next update. The pool's
+        own state is not touched, so the trainer's thread may call it while another thread
+        generates."""
+        t0 = time.perf_counter()
+        lora = group.lora_merge_spec()
+        ref = group.full_state_dict_ref()
+        want = self._trainer_probe(group) if self.cfg.verify else None
+        return Snapshot(ref, lora, want, version, time.perf_counter() - t0)
+
+    def apply(self, snap: Snapshot) -> dict:
+        """Load a snapshot into every engine and verify it against the snapshot's own probe
+        log-probs (retried once, as sync is). Raises SnapshotLost when its object died with the
+        policy rank that held it: the caller takes a new snapshot."""
+        self._source = None  # replacements start from the snapshot (self._weights)
+
+        def push() -> dict:
+            t1 = time.perf_counter()
+            before = self._weights, self._weights_version
+            self._weights, self._weights_version = (snap.ref, snap.lora), self._version
+            alive = self._alive()
+            loads = [self.engines[i].load_weights.remote(snap.ref, snap.lora) for i in alive]
+            try:
+                self._push_gather(loads, alive, "load_weights")
+            except ray.exceptions.ObjectLostError as e:
+                # The engines keep the weights they had: this push is labelled with their version
+                # (an engine that fetched the snapshot before it was lost is then labelled older
+                # than it is, never newer), and replacements start from them.
+                self._weights, self._weights_version = before
+                self._push_versions[self._version] = self._push_versions[self._version - 1]
+                raise SnapshotLost(f"{self.name}: the weights of policy version {snap.version} were lost with "
+                                   f"the rank that held them: {cause(e)}") from None
+            except DEAD as e:
+                raise PushInterrupted(f"{self.name}: an engine died while loading weights: {cause(e)}", alive) from None
+            t3 = time.perf_counter()
+            out = {"transport": "snapshot", "gather_s": snap.capture_s, "push_s": t3 - t1, "engines": len(alive)}
+            return self._verified(out, snap.want, 0.0, t3)
+        return self._pushed(push, snap.version, None)
+
+    def _pushed(self, push, version: int | None, group) -> dict:
+        """Run `push` as one verified push (sync, apply): retried once after a failed
+        verification, and again to the engines alive after an interruption (a death or a freeze
+        of an engine, or of a policy rank when `group` takes part in it)."""
         self._calls["push"] += 1
         self._fire("push", self._calls["push"])
         self._version += 1
+        self._push_versions[self._version] = self._version if version is None else version
         attempt, lost = 0, 0
         while True:
             attempt += 1
@@ -60,8 +127,7 @@ class WeightPush:
             for i in self._alive():
                 self._loaded[i] = self._version
             try:
-                push = self._sync_collective if self.transport == "collective" else self._sync_object_store
-                return {**push(group, lora), "attempts": attempt, "engines_lost": lost}
+                return {**push(), "attempts": attempt, "engines_lost": lost}
             except SyncMismatch as e:
                 if attempt - lost >= 2:
                     e.report["attempts"] = attempt
@@ -83,10 +149,19 @@ class WeightPush:
                     self.events.append({"event": "fault", "kind": "death", "group": self.name, "rank": i,
                                         "call": "push", "step": self._calls["push"], "detect_s": None})
                     self._lost(i)
-                if e.group_hit:
+                if e.group_hit and group is not None:
                     # Evicts a frozen or dead rank (which releases engines blocked on it) and
                     # re-forms: the ranks tore down their process group when the channel broke.
                     group.heal()
+
+    @property
+    def policy_version(self) -> int:
+        """The policy version of the latest push (0: the weights the engines started with)."""
+        return self._push_versions[self._version]
+
+    def engine_versions(self) -> dict[int, int]:
+        """The policy version each engine up now holds."""
+        return {i: self._push_versions[self._loaded[i]] for i in self._alive()}
 
     def _sync_object_store(self, group, lora: dict | None) -> dict:
         t0 = time.perf_counter()

@@ -15,6 +15,7 @@ class Sample:
     logprobs: list[float]  # of each response token under softmax(logits / temperature)
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     engine: int = -1  # which engine generated it
+    version: int = 0  # the policy version of the weights that drew it (its updates; set by the pool)
 
 
 def stream_seed(seed: int, key: tuple[int, ...], index: int) -> int:

@@ -24,6 +24,7 @@ import hashlib
 import json
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +57,13 @@ from rayllm.io import write_json_atomic
 from rayllm.trainer.loop import Ledger, StageLog
 from rayllm.models import load_tokenizer, resolve_model, value_model_from
 from rayllm.rollout import RolloutPool, SyncMismatch
+from rayllm.rollout.errors import SnapshotLost
+from rayllm.trainer.rollout_worker import RolloutWorker, busy_seconds, overlap_seconds
 
 ROLES = ("policy", "reference", "reward", "critic")
+# The experience forwards: those of the frozen groups (any time after generation) and all four.
+FROZEN_FORWARDS = frozenset({"ref", "scores"})
+ALL_FORWARDS = frozenset({"ref", "scores", "old", "values"})
 
 
 def resolve_inputs(stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, str]) -> dict[str, Path | None]:
@@ -148,6 +154,9 @@ class PPOTrainer:
         self.moments = RunningMoments() if a.reward_normalize else None
         self.rng = np.random.default_rng(seed)
         self.cursor = 0
+        self.worker: RolloutWorker | None = None
+        self._pushes: deque = deque()  # async pushes handed to the worker: (version, future)
+        self._applied: list[dict] = []
 
     # ---- one iteration ------------------------------------------------------------------------
     def next_prompts(self) -> list[dict]:
@@ -160,8 +169,26 @@ class PPOTrainer:
         self.cursor += n
         return out
 
+    def prompt_ids(self, iteration: int) -> list[int]:
+        """The ledger's ids of iteration's prompts: a function of the iteration alone, so a batch
+        generated ahead (async) or again after a resume holds the same prompts."""
+        n, total = self.stage.train.rollout_batch_size, len(self.train_records)
+        return [((iteration - 1) * n + i) % total for i in range(n)]
+
+    def updates_before(self, iteration: int) -> int:
+        """The policy version that trains iteration: its updates so far (none in the critic's warm-up)."""
+        done = iteration - 1
+        return done - min(done, self.stage.train.critic_warmup) if "critic" in self.groups else done
+
     def make_experience(self, records: list[dict], iteration: int) -> dict:
-        s, a = self.stage.rollout.sampling, self.stage.algo
+        """Generate, score and turn into training rows, all at once (the synchronous path)."""
+        return self.finish_experience(self.generate_batch(records, iteration, ALL_FORWARDS))
+
+    def generate_batch(self, records: list[dict], iteration: int, forwards: frozenset = FROZEN_FORWARDS) -> dict:
+        """Sample the batch and run `forwards` over it (FROZEN_FORWARDS: the reference and the
+        reward, which no update changes; ALL_FORWARDS adds the policy's and the critic's, which
+        must then come from the policy that trains on it)."""
+        s = self.stage.rollout.sampling
         t0 = time.perf_counter()
         prompts = [encode_prompt(self.tok, r["prompt"])[-self.stage.data.max_prompt_length:] for r in records]
         # Each iteration draws fresh sampling noise: the streams are keyed on (seed, iteration).
@@ -171,18 +198,42 @@ class PPOTrainer:
                  "loss_mask": [0] * len(x.prompt_ids) + [1] * len(x.response_ids)} for x in samples]
         texts = [self.tok.decode(x.response_ids, skip_special_tokens=True) for x in samples]
         sample_recs = [records[x.prompt_index] for x in samples]
-        g = self.groups
-        temp = s.temperature if s.temperature > 0 else 1.0
-        pending = {"ref": g["reference"].logprobs_async(rows, temp)}
-        if a.behavior_logprobs == "trainer":
-            pending["old"] = g["policy"].logprobs_async(rows, temp)
-        if "critic" in g:
-            pending["values"] = g["critic"].values_async(rows)
-        if "reward" in g:
-            pending["scores"] = g["reward"].scores_async(rows)
-        res = {k: p.result() for k, p in pending.items()}  # the groups run concurrently
+        res = self._forwards(rows, forwards)
         if self.reward_fn is not None:
             res["scores"] = [float(self.reward_fn(t, r)) for t, r in zip(texts, sample_recs)]
+        return {"samples": samples, "rows": rows, "texts": texts, "records": sample_recs, "res": res,
+                "iteration": iteration, "generate_s": t1 - t0, "experience_s": time.perf_counter() - t1}
+
+    def _forwards(self, rows: list[dict], which: frozenset) -> dict:
+        """The experience forwards named in `which` that this stage has, run concurrently."""
+        g, temp = self.groups, self.stage.rollout.sampling.temperature
+        temp = temp if temp > 0 else 1.0
+        pending = {}
+        if "ref" in which:
+            pending["ref"] = g["reference"].logprobs_async(rows, temp)
+        if "old" in which and self.stage.algo.behavior_logprobs == "trainer":
+            pending["old"] = g["policy"].logprobs_async(rows, temp)
+        if "values" in which and "critic" in g:
+            pending["values"] = g["critic"].values_async(rows)
+        if "scores" in which and "reward" in g:
+            pending["scores"] = g["reward"].scores_async(rows)
+        return {k: p.result() for k, p in pending.items()}  # the groups run concurrently
+
+    def finish_experience(self, batch: dict, max_staleness: int = 0) -> dict:
+        """The forwards the batch still lacks (those of the policy that trains it), the staleness
+        check (docs/async_ppo.md: no sample older than max_staleness versions is trained on),
+        advantages, and the policy's and critic's training rows."""
+        a = self.stage.algo
+        samples, rows, texts, sample_recs = batch["samples"], batch["rows"], batch["texts"], batch["records"]
+        version = self.updates_before(batch["iteration"])
+        staleness = [version - x.version for x in samples]
+        stale = sum(d > max_staleness for d in staleness)
+        if stale:
+            raise RuntimeError(f"{self.stage.name}: {stale} sample(s) of iteration {batch['iteration']} were drawn more "
+                               f"than algo.max_staleness={max_staleness} policy versions before version {version}; "
+                               "they are not trained on")
+        t1 = time.perf_counter()
+        res = {**batch["res"], **self._forwards(rows, ALL_FORWARDS - {"ref", "scores"} - set(batch["res"]))}
         t2 = time.perf_counter()
 
         # Response-aligned tensors [N, L]: target index j of a row is token j + 1.
@@ -231,7 +282,11 @@ class PPOTrainer:
             "response_length": mask.sum(1).mean().item(),
             "truncated_share": float(np.mean([x.finish_reason == "length" for x in samples])),
             "advantage_mean": masked_mean(adv, mask).item(),
-            "generate_s": t1 - t0, "experience_s": t2 - t1,
+            "generate_s": batch["generate_s"], "experience_s": batch["experience_s"] + t2 - t1,
+            "policy_version": version, "engine_version": min(x.version for x in samples),
+            "staleness_mean": float(np.mean(staleness)), "staleness_max": max(staleness),
+            "staleness_hist": {str(d): staleness.count(d) for d in sorted(set(staleness))},
+            "stale_samples": stale,
         }
         if "old" in res:
             metrics["engine_trainer_logprob_gap"] = masked_mean((old - rollout_lp).abs(), mask).item()
@@ -320,10 +375,37 @@ class PPOTrainer:
                 out["eval_examples"] = [{"prompt": r["prompt"], "response": t} for r, t in zip(self.eval_records[:4], texts)]
         return out
 
-    def sync(self) -> dict:
+    def sync(self, version: int | None = None) -> dict:
         """Push the policy into the engines (verified, retried once: RolloutPool.sync); the
-        push's statistics as metrics."""
-        return sync_metrics(self.pool.sync(self.groups["policy"]))
+        push's statistics as metrics. `version`: the policy's updates so far."""
+        return sync_metrics(self.pool.sync(self.groups["policy"], version))
+
+    def start_push(self, worker: RolloutWorker, version: int) -> float:
+        """Async: snapshot the policy now and have the rollout worker load and verify it into the
+        engines between its batches (docs/async_ppo.md). Returns the snapshot's seconds."""
+        snap = self.pool.capture(self.groups["policy"], version)
+        self._pushes.append((version, worker.submit(lambda: self.pool.apply(snap))))
+        return snap.capture_s
+
+    def poll_pushes(self, worker: RolloutWorker, version: int) -> None:
+        """Collect the async pushes the worker has applied. A snapshot lost with the policy rank
+        that held it is taken again from the weights the policy has now (`version`: never older
+        than the lost one). A push that failed verification twice raises SyncMismatch here."""
+        while self._pushes and self._pushes[0][1].done():
+            _, fut = self._pushes.popleft()
+            try:
+                self._applied.append(sync_metrics(fut.result()))
+            except SnapshotLost as e:
+                print(f"[rayllm] {self.stage.name}: {e}; taking a new snapshot", flush=True)
+                self.start_push(worker, version)
+
+    def take_applied(self) -> dict:
+        """The async pushes applied since the last call: the latest one's statistics, their count."""
+        out, self._applied = self._applied, []
+        if not out:
+            return {"pushes_applied": 0}
+        last = {k: v for k, v in out[-1].items() if k != "sync_s"}
+        return {**last, "sync_apply_s": sum(x["sync_s"] for x in out), "pushes_applied": len(out)}
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save(self, ckpt_dir: Path, it: int, loop: dict) -> None:
@@ -351,11 +433,14 @@ class PPOTrainer:
         self.kl_ctl.value = state["kl_coef"]
         if self.moments is not None and state["moments"]:
             vars(self.moments).update(state["moments"])
-        self.sync()
+        self.sync(self.updates_before(state["iteration"] + 1))
 
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group
 
+        if getattr(self, "worker", None) is not None:
+            self.worker.stop()
+            self.worker = None
         if getattr(self, "pool", None) is not None:
             self.pool.shutdown()
         for g in self.groups.values():
@@ -374,6 +459,16 @@ def sync_metrics(rep: dict) -> dict:
     for k in ("mean_gap", "max_gap", "token_prob_error"):
         out[f"sync_{k}"] = rep.get(k, float("nan"))
     return out
+
+
+def window_metrics(generating: list, training: list, w0: float, w1: float) -> dict:
+    """An iteration's wall-clock window [w0, w1] (docs/async_ppo.md): its seconds, the seconds
+    in it that the trainers did not train and the engines did not generate, and the share of it
+    in which both ran at once."""
+    window = max(w1 - w0, 1e-9)
+    return {"iteration_s": w1 - w0, "trainer_idle_s": window - busy_seconds(training, w0, w1),
+            "engine_idle_s": window - busy_seconds(generating, w0, w1),
+            "overlap_share": overlap_seconds(generating, training, w0, w1) / window}
 
 
 def checkpoint_fingerprint(stage: PPO, artifacts: dict[str, str]) -> str:
@@ -438,35 +533,73 @@ def run_ppo(stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, str], met
         iters = stage.train.iterations
         bar = tqdm(total=iters, initial=start - 1, desc=stage.name, disable=not progress, unit="iter",
                    mininterval=0.2 if sys.stderr.isatty() else 15.0)
+        k = stage.algo.max_staleness
+        # Every pool call from here on runs on the rollout worker's thread (docs/async_ppo.md).
+        # Batch j waits for the engines to hold the policy of updates_before(j) - k updates: at
+        # k = 0 that is the push after the previous iteration, so nothing overlaps and the policy
+        # and critic forwards run beside the frozen groups', as they always have (once this thread
+        # is done with those groups for the previous iteration: `released`).
+        released = [start - 1]
+
+        def can_start(j: int) -> bool:
+            fresh = trainer.pool.policy_version >= trainer.updates_before(j) - k
+            return fresh and (k > 0 or released[0] >= j - 1)
+
+        worker = trainer.worker = RolloutWorker(
+            lambda j: trainer.generate_batch([trainer.train_records[i] for i in trainer.prompt_ids(j)], j,
+                                             FROZEN_FORWARDS if k else ALL_FORWARDS),
+            start, iters, can_start)
+        training: list[tuple[float, float]] = []  # the trainers' busy intervals
+        window_start = time.monotonic()
         for it in range(start, iters + 1):
-            prompt_ids = trainer.take_prompt_ids()
-            exp = trainer.make_experience([trainer.train_records[i] for i in prompt_ids], it)
-            t = time.perf_counter()
+            prompt_ids = trainer.prompt_ids(it)
+            version = trainer.updates_before(it)
+            try:
+                batch = worker.batch(it, lambda: trainer.poll_pushes(worker, version))
+            except SyncMismatch as e:  # async: the push of an earlier iteration failed verification twice
+                if history:
+                    trainer.save(ckpt_dir, it - 1, {"data": fingerprint, "first": first, "history": history,
+                                                    "ledger": ledger.steps})
+                say(f"[rayllm] {stage.name}: a weight push failed verification twice ({e}); checkpoint of "
+                    f"iteration {it - 1} written to {ckpt_dir}, a rerun resumes after it", flush=True)
+                raise
+            exp = trainer.finish_experience(batch, k)
+            t = time.monotonic()
             update_policy = it > stage.train.critic_warmup or "critic" not in trainer.groups
             m = {**exp["metrics"], **trainer.train(exp, policy=update_policy)}
-            m["train_s"] = time.perf_counter() - t
+            training.append((t, time.monotonic()))
+            m["train_s"] = training[-1][1] - t
+            trainer.cursor = it * stage.train.rollout_batch_size
             if update_policy:  # a policy held still (warm-up) says nothing about the KL it would drift to
                 trainer.kl_ctl.update(exp["metrics"]["kl"], exp["n"])
-                try:
-                    m.update(trainer.sync())
-                except SyncMismatch as e:
-                    # The update is done; only its push failed twice. Keep the iteration: a
-                    # checkpoint of it, which a rerun resumes from (restoring pushes again).
-                    m.update(sync_metrics(e.report), sync_failed=True)
-                    m["iteration_s"] = m["generate_s"] + m["experience_s"] + m["train_s"] + m["sync_s"]
-                    history.append(m)
-                    ledger.add(prompt_ids)
-                    log({"step": it, **m, "sample_ids": ledger.steps[-1]})
-                    trainer.save(ckpt_dir, it, {"data": fingerprint, "first": first, "history": history,
-                                                "ledger": ledger.steps})
-                    say(f"[rayllm] {stage.name}: the weight push after iteration {it} failed verification twice; "
-                        f"checkpoint written to {ckpt_dir}, a rerun resumes after iteration {it}", flush=True)
-                    raise
+                if k:
+                    m["sync_s"] = trainer.start_push(worker, version + 1)
+                else:
+                    try:
+                        m.update(worker.call(lambda: trainer.sync(version + 1)))
+                    except SyncMismatch as e:
+                        # The update is done; only its push failed twice. Keep the iteration: a
+                        # checkpoint of it, which a rerun resumes from (restoring pushes again).
+                        m.update(sync_metrics(e.report), sync_failed=True)
+                        m["iteration_s"] = time.monotonic() - window_start
+                        history.append(m)
+                        ledger.add(prompt_ids)
+                        log({"step": it, **m, "sample_ids": ledger.steps[-1]})
+                        trainer.save(ckpt_dir, it, {"data": fingerprint, "first": first, "history": history,
+                                                    "ledger": ledger.steps})
+                        say(f"[rayllm] {stage.name}: the weight push after iteration {it} failed verification "
+                            f"twice; checkpoint written to {ckpt_dir}, a rerun resumes after iteration {it}", flush=True)
+                        raise
             else:  # the engines already hold the weights of a policy that did not step
                 m["sync_s"] = 0.0
-            m["iteration_s"] = m["generate_s"] + m["experience_s"] + m["train_s"] + m["sync_s"]
+            if k:
+                trainer.poll_pushes(worker, trainer.updates_before(it + 1))
+                m.update(trainer.take_applied())
             if stage.train.eval_every and it % stage.train.eval_every == 0 and it < iters:
-                m.update({k: v for k, v in trainer.evaluate().items() if k != "eval_examples"})
+                m.update({key: v for key, v in worker.call(trainer.evaluate).items() if key != "eval_examples"})
+            now = time.monotonic()
+            m.update(window_metrics(worker.generating, training, window_start, now))
+            window_start = now
             history.append(m)
             ledger.add(prompt_ids)
             log({"step": it, **m, "sample_ids": ledger.steps[-1]})
@@ -475,8 +608,10 @@ def run_ppo(stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, str], met
             if stage.train.checkpoint_every and it % stage.train.checkpoint_every == 0 and it < iters:
                 trainer.save(ckpt_dir, it, {"data": fingerprint, "first": first, "history": history,
                                             "ledger": ledger.steps})
+            released[0] = it
         bar.close()
-        last = trainer.evaluate()
+        last = worker.call(trainer.evaluate)  # after every push handed to the worker (its jobs run in order)
+        trainer.poll_pushes(worker, trainer.updates_before(iters + 1))
         log({"step": iters, **{k: v for k, v in last.items() if k != "eval_examples"}})
         trainer.groups["policy"].save_hf(out_dir / "model")
     finally:
