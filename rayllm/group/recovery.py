@@ -119,7 +119,11 @@ class Recovery:
         self.setup(self._sources() if self._share is not None else None)
 
     def take_events(self) -> list[dict]:
-        out, self.events = self.events, []
+        # Popped one at a time, not swapped for a new list: in async PPO another thread may
+        # append while the stage log drains (list.pop and append are atomic), and none is lost.
+        out = []
+        while self.events:
+            out.append(self.events.pop(0))
         return out
 
     def _before_call(self) -> None:

@@ -183,7 +183,11 @@ class RolloutPool(WeightPush):
                 self._check_joined(i)
 
     def take_events(self) -> list[dict]:
-        out, self.events = self.events, []
+        # Popped one at a time, not swapped for a new list: in async PPO another thread may
+        # append while the stage log drains (list.pop and append are atomic), and none is lost.
+        out = []
+        while self.events:
+            out.append(self.events.pop(0))
         return out
 
     def _fire(self, call: str, n: int) -> None:

@@ -202,7 +202,7 @@ class PPOTrainer:
         if self.reward_fn is not None:
             res["scores"] = [float(self.reward_fn(t, r)) for t, r in zip(texts, sample_recs)]
         return {"samples": samples, "rows": rows, "texts": texts, "records": sample_recs, "res": res,
-                "iteration": iteration, "generate_s": t1 - t0, "experience_s": time.perf_counter() - t1}
+                "iteration": iteration, "engine_versions": {str(i): v for i, v in self.pool.engine_versions().items()}, "generate_s": t1 - t0, "experience_s": time.perf_counter() - t1}
 
     def _forwards(self, rows: list[dict], which: frozenset) -> dict:
         """The experience forwards named in `which` that this stage has, run concurrently."""
@@ -284,6 +284,7 @@ class PPOTrainer:
             "advantage_mean": masked_mean(adv, mask).item(),
             "generate_s": batch["generate_s"], "experience_s": batch["experience_s"] + t2 - t1,
             "policy_version": version, "engine_version": min(x.version for x in samples),
+            "engine_versions": batch["engine_versions"],  # what each engine held at the batch's end
             "staleness_mean": float(np.mean(staleness)), "staleness_max": max(staleness),
             "staleness_hist": {str(d): staleness.count(d) for d in sorted(set(staleness))},
             "stale_samples": stale,

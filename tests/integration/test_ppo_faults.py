@@ -140,6 +140,7 @@ def test_async_k1_with_an_engine_and_a_policy_rank_killed_trains_no_sample_past_
     assert [m["policy_version"] for m in steps] == [0, 1, 2, 3]
     # Batch 2 is drawn while batch 1 trains, from version 0: one version old.
     assert steps[1]["engine_version"] == 0 and steps[1]["staleness_max"] == 1
+    assert all(set(m["engine_versions"].values()) == {m["engine_version"]} for m in steps)  # one version a batch
     assert max(m["overlap_share"] for m in steps) > 0
     faults = [m for m in lines if m.get("event") == "fault"]
     assert {f["group"] for f in faults} >= {"ppo/policy", "ppo/rollout"}

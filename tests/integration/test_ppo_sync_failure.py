@@ -38,11 +38,11 @@ def _stage(tmp_path) -> PPO:
 def test_push_failing_twice_checkpoints_the_iteration_and_the_rerun_resumes_after_it(tmp_path, tiny_path, monkeypatch):
     real, calls = PPOTrainer.sync, {"n": 0}
 
-    def corrupt_the_push_after_iteration_2(self):
+    def corrupt_the_push_after_iteration_2(self, version=None):
         calls["n"] += 1
         if calls["n"] == 2:  # both attempts of this push load corrupted weights
             ray.get([e.corrupt_next_loads.remote(2) for e in self.pool.live_engines()])
-        return real(self)
+        return real(self, version)
 
     monkeypatch.setattr(PPOTrainer, "sync", corrupt_the_push_after_iteration_2)
     stage, out, arts = _stage(tmp_path), tmp_path / "ppo", {"sft": str(tiny_path)}
