@@ -629,4 +629,7 @@ class DataPrepConfig(PrepSettings):
     tokenizer: str | None = None  # a tokenizer directory; default: the bundled BPE
     output: str = "runs/data"
     shuffle_partitions: int | None = Field(None, ge=1)  # Ray Data shuffles; None: 2 per cluster CPU
+    # Ray Data's shuffle: "hash" (aggregator actors), "sort" (pull-based, on tasks) or "auto":
+    # "sort" for local inputs under 1 GiB, "hash" above (rayllm.data.prepare.shuffle_strategy).
+    shuffle_strategy: Literal["auto", "hash", "sort"] = "auto"
     ray: RayConfig = RayConfig()

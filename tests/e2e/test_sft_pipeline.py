@@ -55,6 +55,10 @@ def test_sft_loss_goes_down_and_model_loads(ray_cluster, tmp_path):
     assert len(_metrics(tmp_path)) == lines  # no step ran again
 
 
+# 115 s, for the suite's 25-minute budget: the resume after a driver crash at a checkpoint stays in
+# make test in test_reward_stage.py (the same run_steps loop, losses equal to an uncrashed run) and
+# test_ppo_sync_failure.py (the PPO loop's rerun).
+@pytest.mark.slow
 def test_driver_crash_mid_run_resumes_without_repeating_steps_or_rows(ray_cluster, tmp_path, monkeypatch):
     """The driver raises at step 7 (in its call to ModelGroup.train_step; no rank process dies)
     after a checkpoint at step 6: the rerun does steps 7 and 8 once, on the rows an uncrashed run

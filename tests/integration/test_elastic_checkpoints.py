@@ -54,7 +54,7 @@ def test_a_rank_hung_mid_save_leaves_the_previous_checkpoint_and_one_rank_resume
         one.shutdown()
 
 
-@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), 3])  # ZeRO-1: slow tier (budget)
 def test_a_rank_killed_before_a_save_is_survived_and_the_checkpoint_loads_on_two_ranks(stage, tmp_path, random_rows):
     ckpt = tmp_path / "ckpt"
     g = _group(2, stage, replace=False)

@@ -89,7 +89,8 @@ def test_ppo_iteration_trains_policy_and_critic_only(tmp_path, tiny_path):
         t.shutdown()
 
 
-@pytest.mark.parametrize("advantage", ["grpo", "reinforce_pp"])
+# REINFORCE++ takes the same critic-free path as GRPO (its advantages: tests/unit/test_advantages.py).
+@pytest.mark.parametrize("advantage", ["grpo", pytest.param("reinforce_pp", marks=pytest.mark.slow)])
 def test_critic_free_estimators_train_without_a_critic(tmp_path, tiny_path, advantage):
     # A rule-based reward from a file that varies across samples (a random model never answers
     # right, so the ground truth would give every sample 0 and GRPO nothing to learn from).

@@ -169,6 +169,8 @@ def test_driver_crash_mid_stage_resumes_at_its_checkpoint(tiny_path, tmp_path, m
     assert (out / "model" / "config.json").is_file()
 
 
+# The fast tier checks policy samples in tests/e2e/test_rlhf_pipeline.py (their pairs and file).
+@pytest.mark.slow
 def test_policy_samples_add_the_policys_own_mistakes(tiny_path, tokenizer, tmp_path, monkeypatch):
     """policy_samples: the starting policy (here the untrained tiny model, so every sample is
     wrong) answers the pairs' prompts; its wrong answers, labelled by the task's checker,

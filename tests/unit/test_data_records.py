@@ -95,3 +95,19 @@ def test_mapped_fields_leave_under_canonical_names():
     assert [{k: v for k, v in r.items() if not k.startswith("_")} for r in out.records] == [
         {"prompt": "2+2?", "response": "4"}]
     assert out.quarantined[0]["reason"] == "missing field(s) ['a']" and out.quarantined[0]["_line"] == 2
+
+
+def test_auto_shuffle_is_the_task_based_sort_below_1_gib_of_local_input_and_the_hash_shuffle_otherwise(
+        tmp_path, monkeypatch):
+    from ray.data.context import ShuffleStrategy
+
+    from rayllm.data import prepare as prep
+
+    small = tmp_path / "a.jsonl"
+    small.write_text('{"text": "x"}\n')
+    assert prep.shuffle_strategy("auto", [str(small)]) == ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    assert prep.shuffle_strategy("auto", [str(small), "s3://bucket/b.jsonl"]) == ShuffleStrategy.HASH_SHUFFLE
+    monkeypatch.setattr(prep, "SMALL_INPUT_BYTES", small.stat().st_size)  # now it is as large as the limit
+    assert prep.shuffle_strategy("auto", [str(small)]) == ShuffleStrategy.HASH_SHUFFLE
+    assert prep.shuffle_strategy("hash", [str(small)]) == ShuffleStrategy.HASH_SHUFFLE
+    assert prep.shuffle_strategy("sort", ["s3://bucket/b.jsonl"]) == ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
