@@ -15,7 +15,8 @@ reference policy, the value model and the reward model over prompt+response, rew
 B/M mini-batch updates (policy and value model forward + backward, one AdamW step per mini-batch).
 
 Settings: fp32 (bf16 off), no gradient checkpointing, no stop token and no missing-EOS penalty (every
-response is exactly L tokens; checked and reported), kl_coef/cliprange/vf_coef/gamma/lam at TRL's
+response is exactly L tokens; checked and reported; with --stop-eos each stops at EOS, as TRL's
+`stop_token="eos"` does, and L is the most), kl_coef/cliprange/vf_coef/gamma/lam at TRL's
 defaults, no evaluation, no sample generations, no saving, report_to none, fixed seed.
 
 Batch mapping: per_device_train_batch_size = micro-batch m (default M), gradient_accumulation_steps =
@@ -77,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gc-freeze", action="store_true",
                    help="gc.freeze() before train(): TRL's two gc.collect() per iteration then skip the "
                         "import-time heap (see docstring)")
+    p.add_argument("--stop-eos", action="store_true",
+                   help="stop each response at EOS (stop_token='eos'); --response-length is then the most tokens")
     p.add_argument("--json", default=None, help="write the result here")
     a = p.parse_args(argv)
     a.micro_batch_size = a.micro_batch_size or a.mini_batch_size
@@ -159,11 +162,11 @@ def main(argv=None) -> dict:
         disable_tqdm=True, logging_steps=1, dataloader_num_workers=0, learning_rate=a.learning_rate,
         per_device_train_batch_size=m, gradient_accumulation_steps=B // m, num_mini_batches=B // M,
         num_ppo_epochs=E, local_rollout_forward_batch_size=B, total_episodes=total_iters * B,
-        response_length=L, temperature=a.temperature, stop_token=None, stop_token_id=None,
+        response_length=L, temperature=a.temperature, stop_token="eos" if a.stop_eos else None, stop_token_id=None,
         missing_eos_penalty=None, num_sample_generations=0,
     )
 
-    gen = {"seconds": [], "steps": [], "pad_in_response": 0}
+    gen = {"seconds": [], "steps": [], "pad_in_response": 0, "lengths": []}
     orig_batch_generation = ppo_mod.batch_generation
 
     def timed_batch_generation(model, queries, *args, **kwargs):
@@ -171,7 +174,10 @@ def main(argv=None) -> dict:
         query_responses, logits = orig_batch_generation(model, queries, *args, **kwargs)
         gen["seconds"].append(time.perf_counter() - t)
         gen["steps"].append(int(logits.shape[1]))  # sampled tokens per row this iteration
-        gen["pad_in_response"] += int((query_responses[:, queries.shape[1]:] == tok.pad_token_id).sum())
+        responses = query_responses[:, queries.shape[1]:]
+        gen["pad_in_response"] += int((responses == tok.pad_token_id).sum())
+        is_eos = responses == tok.eos_token_id
+        gen["lengths"].extend(int(e.nonzero()[0]) + 1 if e.any() else responses.shape[1] for e in is_eos)
         return query_responses, logits
 
     ppo_mod.batch_generation = timed_batch_generation
@@ -180,6 +186,7 @@ def main(argv=None) -> dict:
         def __init__(self):
             self.t: list[float] = []
             self.cpu: list[float] = []  # CPU seconds of this process, all its threads
+            self.scores: list[float] = []  # the reward model's mean score, per iteration
 
         def on_train_begin(self, args, state, control, **kw):
             self.t.append(time.perf_counter())
@@ -188,6 +195,10 @@ def main(argv=None) -> dict:
         def on_step_end(self, args, state, control, **kw):
             self.t.append(time.perf_counter())
             self.cpu.append(time.process_time())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "objective/scores" in logs:
+                self.scores.append(logs["objective/scores"])
 
     stamps = Stamps()
     trainer = PPOTrainer(args=cfg, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
@@ -209,7 +220,7 @@ def main(argv=None) -> dict:
     per_iter = [t1 - t0 for t0, t1 in zip(stamps.t, stamps.t[1:])]
     if len(per_iter) != total_iters:
         raise RuntimeError(f"expected {total_iters} on_step_end calls, got {len(per_iter)}")
-    if any(s != L for s in gen["steps"]):
+    if not a.stop_eos and any(s != L for s in gen["steps"]):
         raise RuntimeError(f"responses not all {L} tokens long: {gen['steps']}")
     opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
     steps = [int(st["step"]) for st in opt.state.values() if "step" in st]
@@ -227,6 +238,9 @@ def main(argv=None) -> dict:
         "warmup_seconds_per_iteration": per_iter[:a.warmup],
         "generation_seconds_per_iteration": gen["seconds"][a.warmup:],
         "response_tokens_per_sample": L,
+        "response_tokens_mean": sum(gen["lengths"]) / len(gen["lengths"]),
+        "response_tokens_max": max(gen["lengths"]),
+        "reward_per_iteration": stamps.scores,
         "pad_tokens_sampled": gen["pad_in_response"],
         "optimizer_steps": max(steps) if steps else 0,
         "expected_optimizer_steps": total_iters * E * (B // M),
