@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
     import transformers
     import trl
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              PrinterCallback, TrainerCallback)
+                              PrinterCallback)
     from trl import GRPOConfig, GRPOTrainer
 
     transformers.logging.set_verbosity_error()
@@ -113,23 +113,9 @@ def main(argv=None) -> dict:
 
     GRPOTrainer._generate_single_turn = timed
 
-    class Stamps(TrainerCallback):
-        def __init__(self):
-            self.t, self.cpu, self.logs = [], [], []
+    from _trl_stamps import Stamps
 
-        def on_train_begin(self, args, state, control, **kw):
-            self.t.append(time.perf_counter())
-            self.cpu.append(time.process_time())
-
-        def on_step_end(self, args, state, control, **kw):
-            self.t.append(time.perf_counter())
-            self.cpu.append(time.process_time())
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "reward" in logs:
-                self.logs.append({"step": state.global_step, "reward": logs["reward"]})
-
-    stamps = Stamps()
+    stamps = Stamps("reward")  # the batch mean of the reward model's scores, once per generation batch
     trainer = GRPOTrainer(model=policy, reward_funcs=reward, args=cfg, train_dataset=ds, processing_class=tok,
                           reward_processing_classes=rtok, callbacks=[stamps])
     trainer.remove_callback(PrinterCallback)
@@ -147,7 +133,7 @@ def main(argv=None) -> dict:
     per_iter = [t1 - t0 for t0, t1 in zip(ends, ends[1:])]
     measured = per_iter[a.warmup:]
     # The reward of an iteration: TRL logs it once per generation batch, at the step after it.
-    rewards = [x["reward"] for x in stamps.logs] if len(stamps.logs) == total else []
+    rewards = stamps.logged if len(stamps.logged) == total else []
     lengths = gen["lengths"]
     result = {
         "trl_version": trl.__version__, "samples_per_s": a.iterations * S / sum(measured),

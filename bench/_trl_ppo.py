@@ -129,8 +129,7 @@ def main(argv=None) -> dict:
     import transformers
     import trl
     import trl.experimental.ppo.ppo_trainer as ppo_mod
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, PrinterCallback,
-                              TrainerCallback)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PrinterCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     transformers.logging.set_verbosity_error()
@@ -182,25 +181,9 @@ def main(argv=None) -> dict:
 
     ppo_mod.batch_generation = timed_batch_generation
 
-    class Stamps(TrainerCallback):
-        def __init__(self):
-            self.t: list[float] = []
-            self.cpu: list[float] = []  # CPU seconds of this process, all its threads
-            self.scores: list[float] = []  # the reward model's mean score, per iteration
+    from _trl_stamps import Stamps
 
-        def on_train_begin(self, args, state, control, **kw):
-            self.t.append(time.perf_counter())
-            self.cpu.append(time.process_time())
-
-        def on_step_end(self, args, state, control, **kw):
-            self.t.append(time.perf_counter())
-            self.cpu.append(time.process_time())
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "objective/scores" in logs:
-                self.scores.append(logs["objective/scores"])
-
-    stamps = Stamps()
+    stamps = Stamps("objective/scores")  # the reward model's mean score, once per iteration
     trainer = PPOTrainer(args=cfg, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          value_model=value, train_dataset=train_ds, callbacks=[stamps])
     trainer.remove_callback(PrinterCallback)
@@ -240,7 +223,7 @@ def main(argv=None) -> dict:
         "response_tokens_per_sample": L,
         "response_tokens_mean": sum(gen["lengths"]) / len(gen["lengths"]),
         "response_tokens_max": max(gen["lengths"]),
-        "reward_per_iteration": stamps.scores,
+        "reward_per_iteration": stamps.logged,
         "pad_tokens_sampled": gen["pad_in_response"],
         "optimizer_steps": max(steps) if steps else 0,
         "expected_optimizer_steps": total_iters * E * (B // M),

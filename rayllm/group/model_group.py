@@ -439,6 +439,8 @@ def _merge_steps(res: list[dict]) -> dict:
         out[key.removesuffix("_sum")] = sum(r["stats"][key] for r in res) / max(1, tokens)
     if "loss_scale" in res[0]:
         out["loss_scale"] = res[0]["loss_scale"]
+    if any("snapshot_s" in r for r in res):  # the peer snapshot after the step: elasticity's cost per step
+        out["snapshot_s"] = max(r.get("snapshot_s", 0.0) for r in res)
     return out
 
 
