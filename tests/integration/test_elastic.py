@@ -92,6 +92,8 @@ def test_sigstopped_rank_is_evicted_within_its_deadline_and_the_losses_are_the_f
         g.shutdown()
 
 
+# Slow tier (budget): the same eviction, re-formation and retry follow the real SIGKILL and SIGSTOP above.
+@pytest.mark.slow
 def test_rank_raising_in_its_step_is_evicted_replaced_and_the_step_retried(tiny_path, random_rows):
     expected = _fault_free(0, tiny_path, random_rows)
     g = ModelGroup("sft/policy", _cfg(0, chaos=[{"rank": 0, "step": 2, "kind": "raise"}]), tiny_path)

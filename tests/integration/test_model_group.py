@@ -182,6 +182,8 @@ def test_precision_offload_checkpointing_track_fp32(variant, tiny_path, random_r
     assert got == pytest.approx(ref, abs=tol)
 
 
+# Slow tier (budget): test_ppo.py's iteration checks colocated placements and that frozen groups never move.
+@pytest.mark.slow
 def test_colocated_groups_share_bundles(tiny_path, random_rows):
     place = Placement.create(num_bundles=2, cpus=1.0, share=0.5)
     rows = random_rows(4)

@@ -76,6 +76,8 @@ def test_pairwise_loss_is_world_size_invariant(reward_init, tokenizer):
     assert [m["tokens"] for m in one] == [m["tokens"] for m in two] == [6] * 3  # filler pairs not counted
 
 
+# Slow tier (budget): the e2e pipeline trains, evaluates and saves a reward stage (tests/e2e/test_rlhf_pipeline.py).
+@pytest.mark.slow
 def test_reward_stage_trains_evaluates_and_saves(tiny_path, tokenizer, tmp_path):
     from transformers import AutoModelForSequenceClassification
 

@@ -257,6 +257,8 @@ def test_each_batch_key_draws_its_own_streams_and_reproduces_them(policy, pool):
     assert sum(a != b for a, b in zip(ids(it1), ids(it2))) >= len(it1) // 2
 
 
+# Slow tier (budget): the deadline itself stays in make test (the frozen engine killed at its deadline).
+@pytest.mark.slow
 def test_frozen_engine_fails_generate_with_its_name_within_the_deadline_when_elasticity_is_off(tiny_path):
     """SIGSTOP from outside freezes the engine's process: generate raises CallTimeout naming
     the engine and the call after call_timeout_s, instead of hanging the driver."""
@@ -302,9 +304,11 @@ def test_frozen_engine_is_killed_at_its_deadline_and_its_chunks_generated_by_the
         p.shutdown()
 
 
-# The object store's freeze in slow (the suite's 25-minute budget): the collective one, which also
-# re-forms the policy group, stays in make test, and an async push's load is an object-store load.
-@pytest.mark.parametrize("transport", [pytest.param("object_store", marks=pytest.mark.slow), "collective"])
+# Slow tier, both transports (the suite's 25-minute budget): make test keeps a frozen engine killed at
+# its deadline in generate, engines killed in a push and a verification (test_ppo_faults.py), and the
+# collective channel re-formed with a replacement (test_collective_transport_pushes_the_same_weights).
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["object_store", "collective"])
 def test_engine_frozen_during_a_push_is_killed_replaced_and_the_push_verified_on_the_others(policy, tiny_path,
                                                                                             transport):
     """SIGSTOP freezes engine 1 from outside; the push (its load, or the gloo broadcast, which
