@@ -23,10 +23,8 @@ Rewards are TRL's logged `reward` (the batch mean of the reward model's scores),
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -119,13 +117,9 @@ def main(argv=None) -> dict:
     trainer = GRPOTrainer(model=policy, reward_funcs=reward, args=cfg, train_dataset=ds, processing_class=tok,
                           reward_processing_classes=rtok, callbacks=[stamps])
     trainer.remove_callback(PrinterCallback)
-    if a.gc_freeze:
-        gc.collect()
-        gc.freeze()
-    try:
-        trainer.train()
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
+    from _trl_stamps import train
+
+    train(trainer, out_dir, a.gc_freeze)
     if len(stamps.t) != total * steps_per_iter + 1:
         raise RuntimeError(f"expected {total * steps_per_iter} steps, got {len(stamps.t) - 1}")
     ends = stamps.t[::steps_per_iter]

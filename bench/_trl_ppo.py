@@ -46,10 +46,8 @@ generation (gc.freeze()), so those collections only scan the new objects: a kind
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -192,13 +190,9 @@ def main(argv=None) -> dict:
         trainer.accelerator.gradient_state.plugin_kwargs.update(
             {"num_steps": M // m, "sync_with_dataloader": False})
 
-    if a.gc_freeze:
-        gc.collect()
-        gc.freeze()
-    try:
-        trainer.train()
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
+    from _trl_stamps import train
+
+    train(trainer, out_dir, a.gc_freeze)
 
     per_iter = [t1 - t0 for t0, t1 in zip(stamps.t, stamps.t[1:])]
     if len(per_iter) != total_iters:

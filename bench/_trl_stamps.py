@@ -29,3 +29,18 @@ class Stamps(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kw):
         if logs and self.metric in logs:
             self.logged.append(logs[self.metric])
+
+
+def train(trainer, out_dir: str, gc_freeze: bool) -> None:
+    """trainer.train(), with the import-time heap frozen first if asked (TRL's gc.collect() calls then
+    scan only new objects: the kinder baseline), and its output dir removed after."""
+    import gc
+    import shutil
+
+    if gc_freeze:
+        gc.collect()
+        gc.freeze()
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
