@@ -4,7 +4,8 @@ realistic workload of bench/ppo_iteration.py (issue 16: responses of 20-128+ tok
 A freshly initialised tiny model almost never samples EOS, so every response would run to the
 token limit. This fine-tunes one on responses whose lengths follow a log-normal clipped to
 [min_len, max_len] (median ~40 tokens), each ending in EOS: sampled at temperature 1 its
-responses stop at spread lengths, as real RLHF responses do. Built once and cached by its
+responses stop at spread lengths, as real RLHF responses do (tiny-8m, 64 HF samples: min 20,
+quartiles 33 / 51 / 68, max 128, 3 cut at 128; 284 s to build on 2 cores). Built once and cached by its
 arguments. A plain torch loop on one process, not rayllm's SFT stage: the benchmark's subject is
 the PPO iteration, and the same weights must reach TRL's separate environment as a plain HF dir.
 """

@@ -271,7 +271,7 @@ def flat(name: str, res: dict) -> dict:
     out, arms = {}, res["arms"]
     for arm, r in arms.items():
         for key, v in r.items():
-            if isinstance(v, (int, float)) and v is not None and not isinstance(v, bool):
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
                 out[f"{name}_{arm}_{key}"] = v
         rw = r["reward_per_iteration"]
         if rw:

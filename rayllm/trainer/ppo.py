@@ -202,7 +202,8 @@ class PPOTrainer:
         if self.reward_fn is not None:
             res["scores"] = [float(self.reward_fn(t, r)) for t, r in zip(texts, sample_recs)]
         return {"samples": samples, "rows": rows, "texts": texts, "records": sample_recs, "res": res,
-                "iteration": iteration, "engine_versions": {str(i): v for i, v in self.pool.engine_versions().items()}, "generate_s": t1 - t0, "experience_s": time.perf_counter() - t1}
+                "iteration": iteration, "generate_s": t1 - t0, "experience_s": time.perf_counter() - t1,
+                "engine_versions": {str(i): v for i, v in self.pool.engine_versions().items()}}
 
     def _forwards(self, rows: list[dict], which: frozenset) -> dict:
         """The experience forwards named in `which` that this stage has, run concurrently."""

@@ -137,7 +137,7 @@ def test_demo_entry_point_runs_as_a_script(tmp_path):
 
 
 # 95 s at ZeRO-2, the suite's 25-minute budget: a rank SIGKILLed mid-step stays in make test in
-# test_elastic.py (ZeRO-2 and ZeRO-3, against a fault-free run) and test_ppo_faults.py.
+# test_elastic.py (ZeRO-3, against a fault-free run) and test_ppo_faults.py (ZeRO-2).
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [2, 3])  # ZeRO-3: + a fault-free run
 def test_rank_sigkilled_mid_stage_the_stage_completes_with_each_row_once_and_the_fault_logged(

@@ -52,7 +52,7 @@ def _gone(pid: int) -> bool:
 
 
 # ZeRO-2 in the slow tier (budget); a ZeRO-2 rank killed mid-step stays in make test in
-# test_ppo_faults.py and test_heterogeneous.py's leave, ZeRO-3 here.
+# test_ppo_faults.py, ZeRO-3 here.
 @pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
 def test_sigkill_of_rank_1_mid_step_keeps_the_fault_free_losses_the_survivor_pid_and_a_replacement_joins(
         stage, tiny_path, random_rows):
