@@ -24,7 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("config", help="a YAML file of DataPrepConfig fields")
     prep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     prep.add_argument("--no-progress", action="store_true")
+    rep = sub.add_parser("report", help="write RUN_DIR/report.html (and report.md, plots/) from a run directory")
+    rep.add_argument("run_dir", help="a run directory: runs/<name>, or the pipeline's run_dir")
     args = ap.parse_args(argv)
+    if args.cmd == "report":
+        return _report(args.run_dir)
     if args.cmd == "data":
         return _data_prepare(args)
     try:
@@ -68,6 +72,24 @@ def _data_prepare(args) -> int:
     brief = {k: v for k, v in stats.items() if k != "doc_length_histogram"}
     print(json.dumps(brief, indent=2))
     print(f"[rayllm data] wrote {cfg.output}/packed, removed.jsonl, stats.json, lengths.png")
+    return 0
+
+
+def _report(run_dir: str) -> int:
+    """`rayllm report RUN_DIR`: also for a run still going or one that crashed (docs/report.md)."""
+    from pathlib import Path
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        print(f"rayllm: report: {path}: no such directory", file=sys.stderr)
+        return 2
+    if not (path / "metrics.jsonl").is_file() and not (path / "pipeline.json").is_file():
+        print(f"rayllm: report: {path} is not a run directory (it has neither metrics.jsonl nor pipeline.json)",
+              file=sys.stderr)
+        return 2
+    from rayllm.report import render_report
+
+    print(render_report(path)[1])
     return 0
 
 

@@ -102,4 +102,4 @@ def _print_summary(summary: dict, report: Path) -> None:
                   f"{s['ground_truth_initial']:.3f} (starting policy) -> {s['ground_truth_final']:.3f} (PPO policy){sampled}; "
                   f"reward {s['reward_initial']:.3f} -> {s['reward_final']:.3f} over {s['iterations']} iterations; "
                   f"model at {s['model']}")
-    print(f"  report: {report}")
+    print(f"  report: {report.with_name('report.html')} (and {report.name}, plots/)")

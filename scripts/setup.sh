@@ -40,3 +40,19 @@ if [ ! -f "$stamp.ops" ]; then
   "$VENV/bin/python" -m rayllm.prebuild
   touch "$stamp.ops"
 fi
+# Best effort, never failing the setup: Debian's chromium for the HTML report's browser test
+# (tests/unit/test_html_report.py skips without it). Tried once per venv; remove
+# $VENV/.rayllm-chromium to try again, set RAYLLM_NO_CHROMIUM=1 to skip.
+if [ -z "${RAYLLM_NO_CHROMIUM:-}" ] && [ ! -f "$VENV/.rayllm-chromium" ] \
+   && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true >/dev/null 2>&1; then SUDO="sudo -n"; else SUDO=none; fi
+  if [ "$SUDO" != none ]; then
+    echo "[setup] installing chromium with apt-get (headless browser for the report test; ~1 min)"
+    export DEBIAN_FRONTEND=noninteractive
+    { timeout 600 $SUDO apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+      || { timeout 300 $SUDO apt-get update -q >/dev/null 2>&1 \
+           && timeout 600 $SUDO apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; } \
+      || echo "[setup] chromium could not be installed; the report's browser test will be skipped"
+  fi
+  touch "$VENV/.rayllm-chromium"
+fi
