@@ -15,6 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field, e.g. sft.group.zero_stage=3 (repeatable)")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--verbose", action="store_true",
+                     help="show Ray's, the workers' and the libraries' output here, not only in RUN_DIR/logs/run.log")
     show = sub.add_parser("config", help="print the validated config of a pipeline as YAML")
     show.add_argument("pipeline")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -26,7 +28,20 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--no-progress", action="store_true")
     rep = sub.add_parser("report", help="write RUN_DIR/report.html (and report.md, plots/) from a run directory")
     rep.add_argument("run_dir", help="a run directory: runs/<name>, or the pipeline's run_dir")
+    srv = sub.add_parser("serve", help="serve a model over HTTP on Ray Serve (OpenAI-compatible, or reward scores)")
+    srv.add_argument("model_dir", nargs="?", help="a Hugging Face model directory (a stage's model/)")
+    srv.add_argument("--reward", action="store_true", help="serve a reward model's scores at POST /score")
+    srv.add_argument("--reward-fn", help="serve a rule-based verifier (module:function) at POST /score")
+    srv.add_argument("--name", default=None, help="the model id clients ask for (default: the directory name)")
+    srv.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--replicas", type=int, default=1)
+    srv.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    srv.add_argument("--num-gpus", type=int, default=0, help="GPUs per policy replica (vLLM tensor parallel)")
+    srv.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
     args = ap.parse_args(argv)
+    if args.cmd == "serve":
+        return _serve(args)
     if args.cmd == "report":
         return _report(args.run_dir)
     if args.cmd == "data":
@@ -41,9 +56,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(pipe.model_dump(mode="json"), sort_keys=False))
         return 0
+    from rayllm.console import quiet
     from rayllm.runner import run_pipeline
 
-    run_pipeline(pipe, progress=not args.no_progress)
+    with quiet(pipe.out_dir / "logs" / "run.log", verbose=args.verbose or pipe.logging.verbose):
+        run_pipeline(pipe, progress=not args.no_progress)
     return 0
 
 
@@ -91,6 +108,43 @@ def _report(run_dir: str) -> int:
 
     print(render_report(path)[1])
     return 0
+
+
+def _serve(args) -> int:
+    import time
+    from pathlib import Path
+
+    from rayllm.serve import check_model_dir, policy_app, reward_app, start
+
+    kind = "reward" if args.reward or args.reward_fn else "policy"
+    try:
+        if args.model_dir:
+            check_model_dir(args.model_dir, kind)
+        elif kind == "policy" or args.reward:
+            raise ValueError("a model directory is needed (or --reward-fn for a rule-based verifier)")
+    except ValueError as e:
+        print(f"rayllm: {e}", file=sys.stderr)
+        return 2
+    import ray
+
+    from rayllm.env import apply_worker_env, remote_env
+
+    apply_worker_env()
+    ray.init(address=args.address, runtime_env={"env_vars": remote_env()})
+    name = args.name or (Path(args.model_dir).resolve().name if args.model_dir else "verifier")
+    if kind == "reward":
+        url = start(reward_app(args.model_dir, args.reward_fn, args.replicas, args.num_cpus), name=name,
+                    host=args.host, port=args.port)
+        print(f"[rayllm] serving {name} (reward) at {url}/score", flush=True)
+    else:
+        url = start(policy_app(args.model_dir, name, replicas=args.replicas, cpus=args.num_cpus, gpus=args.num_gpus),
+                    name=name, host=args.host, port=args.port)
+        print(f"[rayllm] serving {name} at {url}/v1 (OpenAI-compatible; model id {name!r})", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
 
 
 if __name__ == "__main__":

@@ -544,6 +544,9 @@ class PPO(Strict):
     reward_model: ModelConfig | None = None
     critic_model: ModelConfig | None = None
     reward_fn: str | None = None  # "module:function" / "file.py:function": fn(response, record) -> float
+    # A served reward model (`rayllm serve --reward`): http://host:port/score; no reward group then.
+    reward_url: str | None = None
+    reward_timeout_s: float = Field(120.0, gt=0)  # per request to reward_url (retried 3 times)
     score_fn: str | None = None  # ground truth for evaluation; default: the bundled task's checker
     policy: GroupConfig = GroupConfig()
     critic: GroupConfig = GroupConfig()
@@ -556,6 +559,11 @@ class PPO(Strict):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.reward_url is not None:
+            if not self.reward_url.startswith(("http://", "https://")):
+                raise ValueError(f"reward_url must be an http(s) URL of `rayllm serve --reward`, got {self.reward_url!r}")
+            if self.reward_fn is not None or self.reward_model is not None:
+                raise ValueError("reward_url, reward_fn and reward_model are three sources of the reward: set one")
         for role in ("reference", "reward"):
             if getattr(self, role).zero_stage in (1, 2):
                 raise ValueError(f"{role}.zero_stage must be 0 or 3 (a frozen model has no optimizer states "
@@ -589,6 +597,38 @@ class RayConfig(Strict):
     address: str | None = None  # None: start a local cluster; "auto" or "ray://..." to join one
     num_cpus: int | None = 4  # logical CPUs of a local cluster (more than cores: see FACTS)
     object_store_memory: int | None = 512 * 1024**2
+    # The local cluster's Prometheus endpoint (http://127.0.0.1:PORT/metrics) for the Ray
+    # metrics; None: Ray picks a free port (written to the session's metrics discovery file).
+    metrics_export_port: int | None = Field(None, ge=1, le=65535)
+
+
+class WandbConfig(Strict):
+    """Weights & Biases (`pip install "rayllm[loggers]"`): offline by default, so a run never
+    needs the network or a key; `wandb sync RUN_DIR/wandb/offline-run-*` uploads it later."""
+
+    project: str = "rayllm"
+    entity: str | None = None
+    mode: Literal["offline", "online"] = "offline"
+    tags: list[str] = []
+
+
+class MLflowConfig(Strict):
+    """MLflow (`pip install "rayllm[loggers]"`): a SQLite store in the run directory by default."""
+
+    tracking_uri: str | None = None  # None: sqlite:///RUN_DIR/mlflow.db; or an MLflow server's URL
+    experiment: str = "rayllm"
+
+
+class LoggingConfig(Strict):
+    """Where each metrics.jsonl line also goes (docs/operations.md), and what the console shows."""
+
+    tensorboard: bool = True  # RUN_DIR/tensorboard/<stage>/
+    ray_metrics: bool = True  # ray.util.metrics gauges, on the Ray dashboard and Prometheus
+    wandb: WandbConfig | None = None
+    mlflow: MLflowConfig | None = None
+    # False: the console shows rayllm's lines, progress bars and real problems; the rest of the
+    # output (Ray Data, vLLM, DeepSpeed, torch, workers) goes to RUN_DIR/logs/run.log.
+    verbose: bool = False
 
 
 class Pipeline(Strict):
@@ -598,6 +638,7 @@ class Pipeline(Strict):
     run_dir: str | None = None  # defaults to runs/<name>
     seed: int = 0
     ray: RayConfig = RayConfig()
+    logging: LoggingConfig = LoggingConfig()
     stages: list[Stage] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -50,6 +50,25 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+# Decided by each process from its own devices (apply_worker_env), never sent from the driver:
+# a driver on a GPU-less head node must not make GPU ranks use DeepSpeed's CPU accelerator, nor
+# point them at a cache path of its own machine.
+_DECIDED_LOCALLY = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR")
+
+
+def remote_env() -> dict[str, str]:
+    """The part of worker_env the driver hands to Ray workers (runtime_env env_vars)."""
+    return {k: v for k, v in worker_env().items() if k not in _DECIDED_LOCALLY}
+
+
+def cluster_has_gpus() -> bool:
+    """Whether the Ray cluster has GPUs: engines ask for them and weights go over NCCL then,
+    wherever the driver itself runs (a CPU head included)."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
 def _nvidia_present() -> bool:
     # Decided without importing torch, so the choice can be made before DeepSpeed is imported.
     return Path("/dev/nvidia0").exists() or bool(os.environ.get("CUDA_VISIBLE_DEVICES", "").strip(" -1"))

@@ -33,11 +33,24 @@ def init_local_ray(**kw) -> None:
     with `address`, a connection to a test cluster instead (ray.cluster_utils.Cluster)."""
     import ray
 
-    from rayllm.env import worker_env
+    from rayllm.env import remote_env
 
     if not kw:
-        kw = dict(num_cpus=4, object_store_memory=384 * 1024**2, include_dashboard=False)
-    ray.init(runtime_env={"env_vars": worker_env()}, log_to_driver=False, **kw)
+        kw = dict(num_cpus=4, object_store_memory=384 * 1024**2, include_dashboard=False,
+                  _metrics_export_port=METRICS_PORT)
+    ray.init(runtime_env={"env_vars": remote_env()}, log_to_driver=False, **kw)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The session cluster's Prometheus endpoint (Ray's metrics agent), scraped by the Ray metrics test.
+METRICS_PORT = _free_port()
 
 
 @pytest.fixture(scope="session")
@@ -80,3 +93,12 @@ def random_rows():
         return rows
 
     return make
+
+
+def tensorboard_series(logdir) -> dict[str, list[tuple[int, float]]]:
+    """The scalar series of a TensorBoard event directory, read back with TensorBoard's reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

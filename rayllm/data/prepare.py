@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rayllm import console
 from rayllm.config import DataPrepConfig
 from rayllm.data.clean import content_hash, length_ok, normalize
 from rayllm.data.decontam import EvalIndex
@@ -130,7 +131,7 @@ def prepare(cfg: DataPrepConfig, progress: bool = True) -> dict:
     ctx.default_hash_shuffle_parallelism = cfg.shuffle_partitions or max(
         2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     ctx.shuffle_strategy = shuffle_strategy(cfg.shuffle_strategy, files)
-    say = print if progress else (lambda *a, **k: None)
+    say = console.say if progress else (lambda *a, **k: None)
 
     say(f"[rayllm data] {len(files)} file(s): parse, clean, exact dedup")
     try:

@@ -15,7 +15,7 @@ import ray
 from rayllm.chaos import Chaos
 from rayllm.config import GroupConfig
 from rayllm.data.stream import RowRefs
-from rayllm.env import worker_env
+from rayllm.env import remote_env
 from rayllm.group import batching
 from rayllm.group.membership import Member, Timings
 from rayllm.group.placement import Placement, RankSlots
@@ -123,7 +123,7 @@ class ModelGroup(Recovery):
         mid = next(self._member_ids)
         actor = ModelWorker.options(
             **p.actor_options(bundle), name=None,
-            runtime_env={"env_vars": worker_env()}, scheduling_strategy=p.strategy(bundle),
+            runtime_env={"env_vars": remote_env()}, scheduling_strategy=p.strategy(bundle),
         ).remote(mid)
         return Member(mid, actor, bundle)
 

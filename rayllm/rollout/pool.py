@@ -25,7 +25,7 @@ import ray
 
 from rayllm.chaos import Chaos, send_signal
 from rayllm.config import RolloutConfig, SamplingConfig
-from rayllm.env import cache_dir, has_cuda, worker_env
+from rayllm.env import cache_dir, cluster_has_gpus, remote_env
 from rayllm.group.membership import Timings, settle
 from rayllm.remote import CallTimeout, gather
 from rayllm.rollout import verify as check
@@ -77,10 +77,10 @@ class RolloutPool(WeightPush):
 
     # ---- engines ------------------------------------------------------------------------------
     def _start(self, i: int) -> None:
-        gpus = self.cfg.tensor_parallel_size if has_cuda() else 0
+        gpus = self.cfg.tensor_parallel_size if cluster_has_gpus() else 0
         handle = RolloutEngine.options(
             num_cpus=self.cfg.cpus_per_engine, num_gpus=gpus, max_restarts=0,
-            runtime_env={"env_vars": worker_env()}, name=None,
+            runtime_env={"env_vars": remote_env()}, name=None,
         ).remote(i, self.model_path, self.tokenizer_path, self.cfg.model_dump_json())
         self.engines[i] = handle
         self._launches[i] += 1

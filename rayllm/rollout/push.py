@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
-from rayllm.env import has_cuda
+from rayllm.env import cluster_has_gpus
 from rayllm.remote import CallTimeout, gather
 from rayllm.rollout import verify as check
 from rayllm.rollout.errors import DEAD, PushInterrupted, SnapshotLost, SyncMismatch, cause, log
@@ -46,7 +46,7 @@ class WeightPush:
     @property
     def transport(self) -> str:
         t = self.cfg.weight_transport
-        return ("collective" if has_cuda() else "object_store") if t == "auto" else t
+        return ("collective" if cluster_has_gpus() else "object_store") if t == "auto" else t
 
     def sync(self, group, version: int | None = None) -> dict:
         """Push the policy's current weights into every engine, then verify them; a push that

@@ -6,15 +6,14 @@ iterations over several groups, uses StageLog and Ledger directly.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tqdm.auto import tqdm
-
+from rayllm import console
 from rayllm.io import append_jsonl, write_text_atomic
+from rayllm.loggers import active
 
 
 class StageLog:
@@ -27,6 +26,8 @@ class StageLog:
         """Drop this stage's lines past `step` (all of them at step 0): a resumed stage writes them
         again, so a crash and rerun leave each line once. Other stages' lines and fault events
         are kept."""
+        if (loggers := active()) is not None:
+            loggers.resume(self.stage, step)
         if not self.path.is_file():
             return
         kept, dropped = [], 0
@@ -47,13 +48,28 @@ class StageLog:
     def events(self) -> list[dict]:
         """Fault, recovery and join events of the groups since the last call, also logged."""
         out = [e for g in self.groups for e in g.take_events()]
+        loggers = active()
         for e in out:
             append_jsonl(self.path, {"stage": self.stage, **e})
+            if loggers is not None:
+                loggers.event(self.stage, e)
+            console.say(f"[rayllm] {self.stage}: {describe_event(e)}")
         return out
 
     def __call__(self, rec: dict) -> None:
+        """Append a line, and hand it to the pipeline's loggers (rayllm/loggers.py) if any."""
         self.events()
         append_jsonl(self.path, {"stage": self.stage, **rec})
+        if (loggers := active()) is not None:
+            loggers.log(self.stage, rec)
+
+
+def describe_event(e: dict) -> str:
+    """One console line for a fault, recovery, join or leave event."""
+    who = f"{e.get('group', '?')} rank {e['rank']}" if "rank" in e else str(e.get("group", "?"))
+    rest = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in e.items()
+                     if k in ("kind", "reason", "world_size_after", "world_size", "recover_s", "members"))
+    return f"{e.get('event')} of {who}" + (f" ({rest})" if rest else "")
 
 
 @dataclass
@@ -84,8 +100,7 @@ def run_steps(*, name: str, n_steps: int, start: int, log: StageLog, ledger: Led
     checkpoint_every steps checkpoint_fn(step, {"ledger": ...}) writes a checkpoint with the ledger
     in its client state."""
     # In a terminal the bar redraws in place; in a log file it would write a line per step.
-    bar = tqdm(total=n_steps, initial=start, desc=name, disable=not progress, unit="step",
-               mininterval=0.2 if sys.stderr.isatty() else 15.0)
+    bar = console.bar(total=n_steps, initial=start, desc=name, disable=not progress, unit="step")
     step = start
     while step < n_steps:
         t = time.time()

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from collections import deque
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from rayllm import console
 from rayllm.algorithms import (
     AdaptiveKLController,
     FixedKLController,
@@ -54,6 +53,7 @@ from rayllm.group import ModelGroup, Placement
 from rayllm.group.model_group import CheckpointRefused, checkpoint_meta
 from rayllm.hooks import load_hook
 from rayllm.io import write_json_atomic
+from rayllm.reward_client import RemoteReward
 from rayllm.trainer.loop import Ledger, StageLog
 from rayllm.models import load_tokenizer, resolve_model, value_model_from
 from rayllm.rollout import RolloutPool, SyncMismatch
@@ -80,10 +80,11 @@ def resolve_inputs(stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, st
     if policy is None:
         raise ValueError(f"{stage.name}: no policy model: set policy_model or run an SFT stage before it")
     reward = None
-    if stage.reward_fn is None:
+    if stage.reward_fn is None and stage.reward_url is None:
         reward = given(stage.reward_model, "reward") or (Path(artifacts["reward"]) if "reward" in artifacts else None)
         if reward is None:
-            raise ValueError(f"{stage.name}: no reward: set reward_model or reward_fn, or run a reward stage before it")
+            raise ValueError(f"{stage.name}: no reward: set reward_model, reward_fn or reward_url, or run a reward "
+                             "stage before it")
     critic = None
     if stage.algo.advantage == "gae":
         # OpenRLHF's default: the critic starts from the reward model, which already maps a
@@ -127,6 +128,7 @@ class PPOTrainer:
         paths = resolve_inputs(stage, out_dir, seed, artifacts)
         self.tok = load_tokenizer(paths["policy"])
         self.reward_fn = load_hook(stage.reward_fn, "reward_fn") if stage.reward_fn else None
+        self.remote_reward = RemoteReward(stage.reward_url, stage.reward_timeout_s) if stage.reward_url else None
         self.score_fn = scorer(stage.data.source, stage.score_fn)
         self.train_records, self.eval_records = load_prompts(stage.data, seed)
         n = stage.train.rollout_batch_size * stage.rollout.sampling.n
@@ -218,6 +220,8 @@ class PPOTrainer:
             pending["values"] = g["critic"].values_async(rows)
         if "scores" in which and "reward" in g:
             pending["scores"] = g["reward"].scores_async(rows)
+        if "scores" in which and self.remote_reward is not None:
+            pending["scores"] = self.remote_reward.scores_async(rows)
         return {k: p.result() for k, p in pending.items()}  # the groups run concurrently
 
     def finish_experience(self, batch: dict, max_staleness: int = 0) -> dict:
@@ -278,7 +282,7 @@ class PPOTrainer:
                 critic_rows.append({**row, "old_values": per_target(i, values), "returns": per_target(i, returns)})
         seq_kl = (kl.sum(1)).mean().item()
         metrics = {
-            "reward": raw_scores.mean().item(), "reward_std": raw_scores.std().item() if N > 1 else 0.0,
+            "samples": N, "reward": raw_scores.mean().item(), "reward_std": raw_scores.std().item() if N > 1 else 0.0,
             "kl": seq_kl, "kl_coef": self.kl_ctl.value,
             "response_length": mask.sum(1).mean().item(),
             "truncated_share": float(np.mean([x.finish_reason == "length" for x in samples])),
@@ -370,6 +374,8 @@ class PPOTrainer:
             rows = [{"input_ids": x.prompt_ids + x.response_ids} for x in samples]
             if "reward" in self.groups:
                 out[f"eval_reward{suffix}"] = float(np.mean(self.groups["reward"].scores(rows)))
+            elif self.remote_reward is not None:
+                out[f"eval_reward{suffix}"] = float(np.mean(self.remote_reward.scores(rows)))
             elif self.reward_fn is not None:
                 out[f"eval_reward{suffix}"] = float(np.mean([self.reward_fn(t, r)
                                                              for t, r in zip(texts, self.eval_records)]))
@@ -398,7 +404,7 @@ class PPOTrainer:
             try:
                 self._applied.append(sync_metrics(fut.result()))
             except SnapshotLost as e:
-                print(f"[rayllm] {self.stage.name}: {e}; taking a new snapshot", flush=True)
+                console.say(f"[rayllm] {self.stage.name}: {e}; taking a new snapshot")
                 self.start_push(worker, version)
 
     def take_applied(self) -> dict:
@@ -445,6 +451,8 @@ class PPOTrainer:
             self.worker = None
         if getattr(self, "pool", None) is not None:
             self.pool.shutdown()
+        if getattr(self, "remote_reward", None) is not None:
+            self.remote_reward.close()
         for g in self.groups.values():
             g.shutdown()
         for p in self._placements:
@@ -513,7 +521,7 @@ def run_ppo(stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, str], met
     t_start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = metrics_path or out_dir / "metrics.jsonl"
-    say = print if progress else (lambda *a, **k: None)
+    say = console.say if progress else (lambda *a, **k: None)
     ckpt_dir, fingerprint = out_dir / "checkpoints", checkpoint_fingerprint(stage, artifacts)
     state = checkpoint_state(stage, ckpt_dir, fingerprint)
     trainer = PPOTrainer(stage, out_dir, seed, artifacts)
@@ -533,8 +541,7 @@ def run_ppo(stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, str], met
             first, history, start = state["first"], state["history"], state["iteration"] + 1
             say(f"[rayllm] {stage.name}: resumed after iteration {state['iteration']} from {ckpt_dir}", flush=True)
         iters = stage.train.iterations
-        bar = tqdm(total=iters, initial=start - 1, desc=stage.name, disable=not progress, unit="iter",
-                   mininterval=0.2 if sys.stderr.isatty() else 15.0)
+        bar = console.bar(total=iters, initial=start - 1, desc=stage.name, disable=not progress, unit="iter")
         k = stage.algo.max_staleness
         # Every pool call from here on runs on the rollout worker's thread (docs/async_ppo.md).
         # Batch j waits for the engines to hold the policy of updates_before(j) - k updates: at

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from rayllm import console
 from rayllm.algorithms import pairwise_accuracy, pairwise_loss
 from rayllm.config import RewardModel
 from rayllm.datasets import tasks
@@ -167,7 +168,7 @@ def run_reward(stage: RewardModel, out_dir: Path, seed: int = 0, artifacts: dict
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = metrics_path or out_dir / "metrics.jsonl"
-    say = print if progress else (lambda *a, **k: None)
+    say = console.say if progress else (lambda *a, **k: None)
     model_path, tok_path = reward_init_model(stage, out_dir, seed, artifacts or {})
     tok = load_tokenizer(tok_path)
 

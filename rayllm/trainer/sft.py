@@ -9,9 +9,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from rayllm import console
 from rayllm.config import SFT
 from rayllm.group import ModelGroup
 from rayllm.group.model_group import total_steps
+from rayllm.ray_metrics import DATA_STATUSES
 from rayllm.trainer.checkpoints import resume_state
 from rayllm.trainer.loop import Ledger, StageLog, run_steps
 from rayllm.models import load_tokenizer, resolve_model
@@ -26,7 +28,7 @@ def run_sft(stage: SFT, out_dir: Path, seed: int = 0, metrics_path: Path | None 
     metrics_path = metrics_path or out_dir / "metrics.jsonl"
     model_path, tok_path = resolve_model(stage.model)
     tok = load_tokenizer(tok_path)
-    say = print if progress else (lambda *a, **k: None)
+    say = console.say if progress else (lambda *a, **k: None)
 
     train, held, data_info = load_sft_data(stage, out_dir, str(tok_path), seed, say)
     G = stage.train.global_batch_size
@@ -46,7 +48,9 @@ def run_sft(stage: SFT, out_dir: Path, seed: int = 0, metrics_path: Path | None 
         log.truncate_after(step)
         initial_eval = group.eval_loss(held)
         if step == 0:
-            log({"step": 0, "eval_loss": initial_eval})
+            # The data pipeline's counts, as a series the loggers and Ray metrics see (rayllm_data_records).
+            log({"step": 0, "eval_loss": initial_eval,
+                 **{f"data_{k}": data_info[k] for k in DATA_STATUSES if k in data_info}})
         # The data position is the step: the rows of step s are a function of (seed, s).
         run_steps(name=stage.name, n_steps=n_steps, start=step, log=log, ledger=Ledger.from_state(state),
                   step_fn=lambda s: group.train_step(train.batch(s)), batch_ids=train.batch_ids,

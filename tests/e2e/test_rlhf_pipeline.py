@@ -20,6 +20,74 @@ SMALL = [
 ]
 
 
+def assert_tensorboard_has_every_series(run_dir, metrics):
+    """Every series of metrics.jsonl, stage by stage, is in RUN_DIR/tensorboard/<stage> with the
+    same steps and values (TensorBoard stores float32)."""
+    from conftest import tensorboard_series
+
+    from rayllm.loggers import scalars
+
+    for stage in ("sft", "reward", "ppo"):
+        want = {}
+        for m in metrics:
+            if m["stage"] == stage and "event" not in m and "step" in m:
+                for k, v in scalars(m).items():
+                    want.setdefault(k, []).append((m["step"], v))
+        got = tensorboard_series(run_dir / "tensorboard" / stage)
+        assert set(got) == set(want), (stage, set(want) ^ set(got))
+        for k in want:
+            assert [s for s, _ in got[k]] == [s for s, _ in want[k]], (stage, k)
+            assert [v for _, v in got[k]] == pytest.approx([v for _, v in want[k]], rel=1e-6, abs=1e-30), (stage, k)
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+    """ray_rayllm_* samples from the node's Prometheus endpoint: (name, rayllm's tags) -> value."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^(ray_rayllm_\w+)\{(.*)\} (\S+)$", line)
+        if m:
+            tags = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+            keep = frozenset((k, v) for k, v in tags.items() if k in ("stage", "role", "rank", "phase", "status", "kind"))
+            out[(m.group(1), keep)] = float(m.group(3))
+    return out
+
+
+def assert_ray_metrics_match(metrics):
+    """The driver's Ray metrics, scraped from the node's metrics endpoint on localhost, hold the
+    last values of metrics.jsonl: SFT's loss and data counts, the reward model's accuracy, PPO's
+    reward, KL, phase seconds and push gap."""
+    import time
+
+    from conftest import METRICS_PORT
+
+    def last(stage, key):
+        return [m[key] for m in metrics if m["stage"] == stage and key in m and "event" not in m][-1]
+
+    t = lambda **kw: frozenset({"rank": "all", **kw}.items())  # noqa: E731
+    want = {
+        ("ray_rayllm_loss", t(stage="sft", role="policy")): last("sft", "loss"),
+        ("ray_rayllm_data_records", t(stage="sft", role="data", status="kept")): last("sft", "data_kept"),
+        ("ray_rayllm_accuracy", t(stage="reward", role="reward")): last("reward", "accuracy"),
+        ("ray_rayllm_eval_accuracy", t(stage="reward", role="reward")): last("reward", "eval_accuracy"),
+        ("ray_rayllm_reward", t(stage="ppo", role="policy")): last("ppo", "reward"),
+        ("ray_rayllm_kl", t(stage="ppo", role="policy")): last("ppo", "kl"),
+        ("ray_rayllm_loss", t(stage="ppo", role="critic")): last("ppo", "value_loss"),
+        ("ray_rayllm_phase_seconds", t(stage="ppo", role="policy", phase="generate")): last("ppo", "generate_s"),
+        ("ray_rayllm_weight_sync_gap", t(stage="ppo", role="rollout")): last("ppo", "sync_max_gap"),
+    }
+    deadline, seen = time.time() + 30, {}
+    while time.time() < deadline:  # Ray's agent exports every few seconds
+        seen.update(got := scrape(METRICS_PORT))
+        if all(k in got for k in want):
+            break
+        time.sleep(2)
+    assert {k: seen.get(k) for k in want} == pytest.approx(want, rel=1e-6)
+
+
 def _done(run_dir, stage):
     return json.loads((run_dir / stage / "DONE.json").read_text())
 
@@ -51,6 +119,8 @@ def test_three_stages_chain_and_skip_when_finished(ray_cluster, tmp_path):
         "kl", "entropy", "policy_loss", "value_loss", "generate_s", "experience_s", "train_s", "sync_s"))
     assert ppo_steps[1]["sync_max_gap"] < 1e-4
     assert (tmp_path / "plots" / "ppo_reward.png").is_file()
+    assert_tensorboard_has_every_series(tmp_path, metrics)
+    assert_ray_metrics_match(metrics)
 
     again = run_pipeline(pipe, progress=False)
     assert all(s.get("skipped") for s in again["stages"])

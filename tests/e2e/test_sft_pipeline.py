@@ -134,6 +134,12 @@ def test_demo_entry_point_runs_as_a_script(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "pipeline 'sft_tiny' finished" in out.stdout and "eval loss" in out.stdout
     assert (tmp_path / "sft" / "model" / "model.safetensors").is_file()
+    # The console carries rayllm's lines only; Ray's start-up and Ray Data's notices are in the log.
+    log = (tmp_path / "logs" / "run.log").read_text()
+    assert f"[rayllm] log: {tmp_path / 'logs' / 'run.log'}" in out.stdout
+    for noise in ("Started a local Ray instance", "streaming_executor"):
+        assert noise in log and noise not in out.stdout + out.stderr
+    assert all(line.startswith(("[rayllm]", "  ")) for line in out.stdout.splitlines() if line.strip()), out.stdout
 
 
 # 95 s at ZeRO-2, the suite's 25-minute budget: a rank SIGKILLed mid-step stays in make test in

@@ -1,0 +1,160 @@
+"""`rayllm serve` on Ray Serve, on 127.0.0.1: the OpenAI-compatible policy endpoint gives what
+offline vLLM generation gives with the same seed; the reward server scores as the reward group
+does; a PPO stage reading its reward from the server gets the in-process reward model's rewards;
+bad requests get HTTP 4xx with a reason, and the server keeps serving."""
+import json
+import os
+import socket
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from rayllm.config import PPOAlgoConfig
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def serve_port():
+    from ray import serve
+
+    port = _port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory, tiny_path):
+    from rayllm.models.tiny import value_model_from
+
+    return value_model_from(tiny_path, tmp_path_factory.mktemp("rm") / "model", seed=3)
+
+
+@pytest.fixture(scope="module")
+def reward_url(serve_port, reward_model):
+    from ray import serve
+
+    from rayllm.serve import reward_app
+
+    serve.run(reward_app(str(reward_model), cpus=0.5), name="reward", route_prefix="/reward", blocking=False)
+    yield f"http://127.0.0.1:{serve_port}/reward/score"
+    serve.delete("reward")
+
+
+def test_openai_endpoint_completions_equal_offline_vllm_generation_with_the_same_seed(serve_port, tiny_path):
+    import ray
+    from ray import serve
+
+    from rayllm.serve import policy_app
+
+    serve.run(policy_app(str(tiny_path), "tiny", cpus=0.5, max_model_len=256), name="policy", route_prefix="/",
+              blocking=False)
+
+    @ray.remote(num_cpus=0.5)
+    class Offline:
+        def __init__(self, path):
+            os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+            from vllm import LLM
+
+            self.llm = LLM(model=path, tokenizer=path, dtype="float32", max_model_len=256, enforce_eager=True,
+                           load_format="safetensors")
+
+        def generate(self, prompt, **sampling):
+            from vllm import SamplingParams
+
+            return self.llm.generate([prompt], SamplingParams(**sampling), use_tqdm=False)[0].outputs[0].text
+
+    offline = Offline.remote(str(tiny_path))
+    url = f"http://127.0.0.1:{serve_port}/v1/completions"
+    try:
+        cases = [("Sort: 3 1 2", dict(temperature=0.0, max_tokens=12, seed=0)),
+                 ("Sort: 9 4 7 1", dict(temperature=1.0, max_tokens=12, seed=11)),
+                 ("Sort: 9 4 7 1", dict(temperature=1.0, max_tokens=12, seed=12))]
+        served = []
+        for prompt, s in cases:
+            code, body = _post(url, {"model": "tiny", "prompt": prompt, **s})
+            assert code == 200, body
+            served.append(body["choices"][0]["text"])
+            assert served[-1] == ray.get(offline.generate.remote(prompt, **s)), (prompt, s)
+        assert served[1] != served[2]  # the seed is what decides a sampled completion
+        # Bad requests: 4xx with a reason, and the endpoint keeps serving.
+        code, body = _post(url, {"model": "tiny", "prompt": "x", "max_tokens": -1})
+        assert 400 <= code < 500 and "max_tokens" in json.dumps(body), body
+        code, body = _post(url, {"model": "no-such-model", "prompt": "x"})
+        assert 400 <= code < 500 and "no-such-model" in json.dumps(body), body
+        code, body = _post(url, {"model": "tiny", "prompt": cases[0][0], **cases[0][1]})
+        assert code == 200 and body["choices"][0]["text"] == served[0]
+    finally:
+        ray.kill(offline)
+        serve.delete("policy")
+
+
+def test_reward_server_scores_as_the_reward_group_and_answers_bad_requests_with_400(reward_url, reward_model, tokenizer):
+    from rayllm.config import GroupConfig
+    from rayllm.group import ModelGroup
+    from rayllm.reward_client import RemoteReward, RewardServerError
+
+    rng = np.random.default_rng(0)
+    rows = [{"input_ids": [int(t) for t in rng.integers(10, 900, n)]} for n in (5, 17, 9, 30, 12, 3)]
+    group = ModelGroup("rm", GroupConfig(num_ranks=1, zero_stage=0, micro_batch_size=4, cpus_per_rank=0.5),
+                       reward_model, "reward", trainable=False, pad_id=tokenizer.pad_token_id)
+    try:
+        want = group.scores(rows)
+    finally:
+        group.shutdown()
+    client = RemoteReward(reward_url)
+    assert client.scores(rows) == pytest.approx(want, abs=1e-5)
+    for body, reason in [(b"{not json", "not JSON"), ({"input_ids": [[1, 2], []]}, "non-empty lists"),
+                         ({"input_ids": [[10**9]]}, "token ids must be <"), ({"texts": ["a"]}, "expected")]:
+        code, got = _post(reward_url, body)
+        assert code == 400 and reason in got["error"], (body, got)
+    with pytest.raises(RewardServerError, match=r"refused the request \(HTTP 400\).*token ids must be <"):
+        client.scores([{"input_ids": [10**9]}])
+    assert client.scores(rows[:2]) == pytest.approx(want[:2], abs=1e-5)  # still serving
+
+
+def test_ppo_with_the_served_reward_model_gets_the_in_process_reward_models_rewards(reward_url, reward_model,
+                                                                                   tmp_path, tiny_path):
+    """Two iterations each (GRPO: no critic), same seed: the served run samples what the
+    in-process run samples and scores it the same, iteration after iteration."""
+    from test_ppo import _stage
+
+    from rayllm.config import ModelConfig
+    from rayllm.trainer.ppo import PPOTrainer
+
+    algo = PPOAlgoConfig(advantage="grpo", mini_batch_size=8, kl_estimator="k3")
+    runs = {}
+    for name, kw in [("served", dict(reward_url=reward_url)), ("in_process", dict(reward_model=ModelConfig(path=str(reward_model))))]:
+        t = PPOTrainer(_stage(algo=algo, **kw), tmp_path / name, seed=0, artifacts={"sft": str(tiny_path)})
+        try:
+            assert ("reward" in t.groups) == (name == "in_process")
+            runs[name] = []
+            for it in (1, 2):
+                exp = t.make_experience(t.next_prompts(), it)
+                runs[name].append((exp["metrics"]["reward"], [r["input_ids"] for r in exp["policy_rows"]]))
+                t.train(exp)
+                if it == 1:
+                    t.sync(version=1)
+        finally:
+            t.shutdown()
+    for (r_served, rows_served), (r_local, rows_local) in zip(runs["served"], runs["in_process"]):
+        assert rows_served == rows_local and r_served == pytest.approx(r_local, abs=1e-6)
