@@ -133,28 +133,36 @@ def test_reward_server_scores_as_the_reward_group_and_answers_bad_requests_with_
 
 
 def test_ppo_with_the_served_reward_model_gets_the_in_process_reward_models_rewards(reward_url, reward_model,
-                                                                                   tmp_path, tiny_path):
-    """Two iterations each (GRPO: no critic), same seed: the served run samples what the
-    in-process run samples and scores it the same, iteration after iteration."""
+                                                                                   tmp_path, tiny_path, tokenizer):
+    """Two PPO iterations (GRPO: no critic) scored by the server: every sample's reward is what
+    the in-process reward model gives the same tokens, and the iteration's reward is their mean."""
     from test_ppo import _stage
 
-    from rayllm.config import ModelConfig
+    from rayllm.config import GroupConfig
+    from rayllm.group import ModelGroup
     from rayllm.trainer.ppo import PPOTrainer
 
     algo = PPOAlgoConfig(advantage="grpo", mini_batch_size=8, kl_estimator="k3")
-    runs = {}
-    for name, kw in [("served", dict(reward_url=reward_url)), ("in_process", dict(reward_model=ModelConfig(path=str(reward_model))))]:
-        t = PPOTrainer(_stage(algo=algo, **kw), tmp_path / name, seed=0, artifacts={"sft": str(tiny_path)})
-        try:
-            assert ("reward" in t.groups) == (name == "in_process")
-            runs[name] = []
-            for it in (1, 2):
-                exp = t.make_experience(t.next_prompts(), it)
-                runs[name].append((exp["metrics"]["reward"], [r["input_ids"] for r in exp["policy_rows"]]))
-                t.train(exp)
-                if it == 1:
-                    t.sync(version=1)
-        finally:
-            t.shutdown()
-    for (r_served, rows_served), (r_local, rows_local) in zip(runs["served"], runs["in_process"]):
-        assert rows_served == rows_local and r_served == pytest.approx(r_local, abs=1e-6)
+    t = PPOTrainer(_stage(algo=algo, reward_url=reward_url), tmp_path, seed=0, artifacts={"sft": str(tiny_path)})
+    served, scored = t.remote_reward.scores, []
+    t.remote_reward.scores = lambda rows: scored.append(([r["input_ids"] for r in rows], served(rows))) or scored[-1][1]
+    try:
+        assert "reward" not in t.groups
+        rewards = []
+        for it in (1, 2):
+            exp = t.make_experience(t.next_prompts(), it)
+            rewards.append(exp["metrics"]["reward"])
+            t.train(exp)
+            if it == 1:
+                t.sync(version=1)
+    finally:
+        t.shutdown()
+    assert len(scored) == 2 and scored[0][0] != scored[1][0]
+    group = ModelGroup("rm", GroupConfig(num_ranks=1, zero_stage=0, micro_batch_size=8, cpus_per_rank=0.5),
+                       reward_model, "reward", trainable=False, pad_id=tokenizer.pad_token_id)
+    try:
+        for (ids, got), reward in zip(scored, rewards):
+            want = group.scores([{"input_ids": x} for x in ids])
+            assert got == pytest.approx(want, abs=1e-5) and reward == pytest.approx(float(np.mean(want)), abs=1e-5)
+    finally:
+        group.shutdown()
