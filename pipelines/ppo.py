@@ -1,10 +1,12 @@
 """PPO, one stage, on four model groups: point it at an SFT policy and a reward model.
 
-    rayllm run pipelines/ppo.py --set ppo.policy_model.path=/models/sft --set ppo.reward_model.path=/models/rm \
+    rayllm run pipelines/ppo.py --set ppo.policy_model.path=/models/sft \
+        --set 'ppo.reward_model={path: /models/rm}' --set ppo.reward_fn=null \
         --set ppo.data.source=data/prompts.jsonl --set ppo.policy.num_ranks=8 --set ppo.policy.zero_stage=3 \
         --set ppo.policy.gpus_per_rank=1 --set ppo.critic.gpus_per_rank=1 --set ppo.rollout.num_engines=4
 
-A rule-based reward instead of a model: --set ppo.reward_fn=my_rewards.py:score.
+A rule-based reward instead of a model: --set ppo.reward_fn=my_rewards.py:score. A served reward
+model (`rayllm serve --reward /models/rm`): --set ppo.reward_url=http://127.0.0.1:8000/score --set ppo.reward_fn=null.
 Critic-free: --set ppo.algo.advantage=grpo --set ppo.rollout.sampling.n=8.
 Defaults run as is on a CPU (tiny-1m models, the bundled arithmetic task's checker as reward).
 """

@@ -29,12 +29,16 @@ def bar_stream() -> TextIO:
 
 
 def say(*args, **kw) -> None:
-    """A line for the person at the terminal (and for the log file, when there is one)."""
+    """A line for the person at the terminal (and for the log file, when there is one), with
+    secrets (rayllm/redact.py) masked: stage lines print config values and error texts."""
+    from rayllm.redact import redact_text
+
     kw.pop("file", None)
     kw.pop("flush", None)
-    print(*args, file=_TERMINAL or sys.stdout, flush=True, **kw)
+    text = redact_text(kw.pop("sep", " ").join(map(str, args)))
+    print(text, file=_TERMINAL or sys.stdout, flush=True, **kw)
     if _TERMINAL is not None:
-        print(*args, file=sys.stdout, flush=True, **kw)
+        print(text, file=sys.stdout, flush=True, **kw)
 
 
 class _TerminalHandler(logging.Handler):

@@ -186,3 +186,14 @@ def test_the_quiet_console_shows_rayllm_lines_and_logs_everything_else(tmp_path)
     for line in ("[rayllm] sft: starting", "[rayllm] WARNING: rank 1 lost", f"[rayllm] log: {tmp_path / 'run.log'}"):
         assert line in term and line in log
     assert "after" in p.stdout  # the terminal is back after the block
+
+
+def test_rayllm_console_lines_mask_secret_environment_values(monkeypatch, capsys):
+    from rayllm import console
+
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "hunter2-and-more")
+    console.say("[rayllm] sft: data: {'source': 'x', 'note': 'hunter2-and-more'} key",
+                "0123456789abcdef0123456789abcdef01234567")
+    out = capsys.readouterr().out
+    assert "hunter2" not in out and "0123456789abcdef" not in out and out.count("***") == 2
