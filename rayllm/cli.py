@@ -60,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     from rayllm.runner import run_pipeline
 
     with quiet(pipe.out_dir / "logs" / "run.log", verbose=args.verbose or pipe.logging.verbose):
-        run_pipeline(pipe, progress=not args.no_progress)
+        try:
+            run_pipeline(pipe, progress=not args.no_progress)
+        finally:
+            import ray
+
+            # Inside the quiet block: Ray prints workers' lines on the driver's stdout until it disconnects.
+            ray.shutdown()
     return 0
 
 
