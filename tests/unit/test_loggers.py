@@ -197,3 +197,20 @@ def test_rayllm_console_lines_mask_secret_environment_values(monkeypatch, capsys
                 "0123456789abcdef0123456789abcdef01234567")
     out = capsys.readouterr().out
     assert "hunter2" not in out and "0123456789abcdef" not in out and out.count("***") == 2
+
+
+def test_the_config_turns_on_wandb_and_mlflow_beside_tensorboard_and_each_gets_every_line(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    pipe = _pipe(tmp_path, ray_metrics=False, wandb=WandbConfig(project="p"), mlflow=MLflowConfig(experiment="e"))
+    loggers = build(pipe.logging, pipe, tmp_path, {"sft": "sft"})
+    assert [s.name for s in loggers.sinks] == ["logging.tensorboard", "logging.wandb", "logging.mlflow"]
+    run_id = loggers.sinks[2].run_id
+    for rec in LINES:
+        loggers.log("sft", rec)
+    loggers.close()
+    assert [s for s, _ in tensorboard_series(tmp_path / "tensorboard" / "sft")["loss"]] == [1, 2, 3, 4]
+    assert [h["sft/step"] for h in _wandb_history(tmp_path)] == [1, 2, 3, 4]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [m.step for m in client.get_metric_history(run_id, "sft/loss")] == [1, 2, 3, 4]
