@@ -35,6 +35,9 @@ def _stage(tmp_path) -> PPO:
                train=PPOTrainConfig(iterations=3, rollout_batch_size=4))
 
 
+# 89 s, the suite's budget: make test keeps a push corrupted once retried and twice raising
+# (test_rollout.py) and a stage's checkpoint-and-resume after a driver-side error (test_reward_stage.py).
+@pytest.mark.slow
 def test_push_failing_twice_checkpoints_the_iteration_and_the_rerun_resumes_after_it(tmp_path, tiny_path, monkeypatch):
     real, calls = PPOTrainer.sync, {"n": 0}
 

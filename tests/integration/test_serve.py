@@ -132,6 +132,9 @@ def test_reward_server_scores_as_the_reward_group_and_answers_bad_requests_with_
     assert client.scores(rows[:2]) == pytest.approx(want[:2], abs=1e-5)  # still serving
 
 
+# 62 s, the suite's budget: make test keeps the server's scores against the reward group's (above)
+# and reward_url's checks (tests/unit/test_serve_requests.py).
+@pytest.mark.slow
 def test_ppo_with_the_served_reward_model_gets_the_in_process_reward_models_rewards(reward_url, reward_model,
                                                                                    tmp_path, tiny_path, tokenizer):
     """Two PPO iterations (GRPO: no critic) scored by the server: every sample's reward is what
