@@ -41,8 +41,9 @@ t = time.perf_counter()
 outs = llm.generate(prompts, params, use_tqdm=False)
 dt = time.perf_counter() - t
 tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+loaded = sorted({l.split("/")[-1].strip() for l in open("/proc/self/maps") if "tcmalloc" in l or "iomp5" in l})
 print("RESULT " + json.dumps({"tokens_per_s": tokens / dt, "generate_s": dt, "start_s": start_s, "tokens": tokens,
-                              "preload": os.environ.get("LD_PRELOAD", "")}))
+                              "preload": os.environ.get("LD_PRELOAD", ""), "loaded": loaded}))
 """
 
 
@@ -93,10 +94,11 @@ def main() -> None:
     start = {k: statistics.median(x["start_s"] for x in v) for k, v in runs.items()}
     print(f"\n{a.model}, {a.prompts} prompts x {a.max_tokens} tokens, OMP_NUM_THREADS={a.threads}, "
           f"median of {a.repeats}")
-    print(f"| arm | tokens/s | vs none | engine start s | runs |\n|---|---|---|---|---|")
+    print(f"| arm | tokens/s | vs none | engine start s | runs | libraries mapped |\n|---|---|---|---|---|---|")
     for k in runs:
-        print(f"| {k} | {med[k]:.0f} | {med[k] / med['none']:.3f}x | {start[k]:.1f} | "
-              f"{', '.join(f'{x['tokens_per_s']:.0f}' for x in runs[k])} |")
+        each = ", ".join(f"{x['tokens_per_s']:.0f}" for x in runs[k])
+        libs = " ".join(runs[k][0]["loaded"]) or "-"
+        print(f"| {k} | {med[k]:.0f} | {med[k] / med['none']:.3f}x | {start[k]:.1f} | {each} | {libs} |")
     if a.json:
         flat = {"model": a.model, "prompts": a.prompts, "max_tokens": a.max_tokens, "threads": a.threads,
                 "repeats": a.repeats}
