@@ -29,3 +29,15 @@ def test_reward_url_must_be_http_and_the_only_source_of_the_reward():
         PPO(reward_url="127.0.0.1:8000")
     with pytest.raises(ValueError, match="three sources of the reward: set one"):
         PPO(reward_url="http://h/score", reward_model=ModelConfig())
+
+
+def test_a_served_rule_based_verifier_scores_prompt_response_texts_and_refuses_token_ids(tmp_path):
+    from rayllm.serve import RewardServer
+
+    (tmp_path / "rule.py").write_text("def reward(response, record):\n    return float(response == record['answer'])\n")
+    server = RewardServer.func_or_class(None, reward_fn=f"{tmp_path / 'rule.py'}:reward")  # the class Serve runs
+    req = parse_score_request(b'{"prompts": ["Sort: 2 1", "Sort: 3 1"], "responses": ["1 2", "3 1"], '
+                              b'"records": [{"answer": "1 2"}, {"answer": "1 3"}]}')
+    assert server.score(req) == [1.0, 0.0]
+    with pytest.raises(BadRequest, match="scores with a rule"):
+        server.score({"input_ids": [[1, 2]]})
