@@ -113,7 +113,7 @@ def run_steps(*, name: str, n_steps: int, start: int, log: StageLog, ledger: Led
         if eval_every and step % eval_every == 0 and step < n_steps:
             rec.update(eval_fn())
         log(rec)
-        bar.set_postfix(**postfix(m))
+        bar.set_postfix(**postfix(m), refresh=False)  # drawn by update(), at its own interval
         bar.update(1)
         if checkpoint_every and step % checkpoint_every == 0:
             checkpoint_fn(step, {"ledger": ledger.steps})

@@ -612,7 +612,7 @@ def run_ppo(stage: PPO, out_dir: Path, seed: int, artifacts: dict[str, str], met
             history.append(m)
             ledger.add(prompt_ids)
             log({"step": it, **m, "sample_ids": ledger.steps[-1]})
-            bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m['kl']:.3f}")
+            bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m['kl']:.3f}", refresh=False)
             bar.update(1)
             if stage.train.checkpoint_every and it % stage.train.checkpoint_every == 0 and it < iters:
                 trainer.save(ckpt_dir, it, {"data": fingerprint, "first": first, "history": history,
