@@ -32,18 +32,16 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def metric_series(records: list[dict]) -> dict[tuple[str, str], list[tuple[int, float]]]:
-    """(stage, metric) -> [(step, value)] of the step lines (event lines are not series)."""
+    """(stage, metric) -> [(step, value)] of the step lines (event lines are not series); a line's
+    series are the loggers' (rayllm.loggers.scalars), so the report plots what TensorBoard holds."""
+    from rayllm.loggers import scalars
+
     series: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
     for r in records:
         if "event" in r or "step" not in r:  # fault events are a table in the report, not a series
             continue
-        for k, v in r.items():
-            if k not in ("step", "epoch", "stage") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                series[(r.get("stage", "run"), k)].append((r["step"], v))
-            elif k.startswith("rank_") and isinstance(v, list):  # per rank (rank_shares): a line per rank
-                for i, x in enumerate(v):
-                    if isinstance(x, (int, float)):
-                        series[(r.get("stage", "run"), f"{k}_{i}")].append((r["step"], x))
+        for k, v in scalars(r).items():
+            series[(r.get("stage", "run"), k)].append((r["step"], v))
     return series
 
 
